@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both install into ./.venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where no NVIDIA driver is found, take the CPU build of torch (on the project's dev machines it
+# lies on local disk); on a GPU machine let pip choose a CUDA build. Override with TORCH_SPEC=...
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install demo serve test test-fast test-slow bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/expo-serve demo
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,145 @@
+"""The `expo-serve` command line (DESIGN.md §3). Every failure is one sentence and exit code 1."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import ExpoError
+
+
+class _ConsoleProgress:
+    """A progress bar on stderr for tensor-by-tensor work."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self._bar = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.label, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        self._bar.n = done
+        self._bar.set_postfix_str(name[-48:], refresh=True)
+        if done >= total:
+            self._bar.close()
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _cmd_delta_build(args) -> int:
+    from .delta.build import build_delta
+    from .delta.sources import open_source
+
+    manifest = build_delta(
+        open_source(args.sft),
+        open_source(args.aligned),
+        args.out,
+        encoding=args.format,
+        rank=args.rank,
+        group_size=args.group_size,
+        dtype=args.dtype,
+        progress=_ConsoleProgress("building delta"),
+    )
+    stored = sum(t["stored_bytes"] for t in manifest["tensors"].values())
+    print(f"wrote {args.out}: {len(manifest['tensors'])} tensors, {stored / 2**20:.1f} MiB ({args.format})")
+    return 0
+
+
+def _cmd_delta_inspect(args) -> int:
+    from .delta.inspect import delta_report, format_report
+    from .delta.store import DeltaCheckpoint
+
+    report = delta_report(DeltaCheckpoint(args.dir))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .delta.merge import merge
+    from .delta.sources import open_source
+    from .delta.store import DeltaCheckpoint
+
+    merge(open_source(args.sft), DeltaCheckpoint(args.delta), args.alpha, args.out, dtype=args.dtype, progress=_ConsoleProgress("merging"))
+    print(f"wrote {args.out}: θ_sft + (1 + {args.alpha:g})·Δ")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo.run import run_demo
+
+    run_demo()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expo-serve", description="Serve ExPO models with α chosen per request.")
+    parser.add_argument("--version", action="version", version=f"expo-serve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    delta = commands.add_parser("delta", help="build or inspect a delta Δ = θ_aligned − θ_sft")
+    delta_commands = delta.add_subparsers(dest="delta_command", required=True, metavar="ACTION")
+    build = delta_commands.add_parser("build", help="build a delta folder from an SFT/aligned pair")
+    build.add_argument("--sft", required=True, help="SFT model: HF folder, .gguf file or hub id")
+    build.add_argument("--aligned", required=True, help="aligned (DPO/RLHF) model: HF folder, .gguf file or hub id")
+    build.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    build.add_argument("--format", default="dense", choices=["dense", "int8", "int4", "bit", "lowrank"], help="encoding of 2-D tensors (default: dense)")
+    build.add_argument("--rank", type=_positive_int, default=64, help="rank for --format lowrank (default: 64)")
+    build.add_argument("--group-size", type=_positive_int, default=128, help="group size for --format int4 (default: 128)")
+    build.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="storage dtype of dense values and low-rank factors (default: the SFT's)")
+    build.set_defaults(run=_cmd_delta_build)
+
+    inspect = delta_commands.add_parser("inspect", help="show a delta's manifest, sizes and errors")
+    inspect.add_argument("dir", help="delta folder")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_cmd_delta_inspect)
+
+    merge = commands.add_parser("merge", help="write θ_sft + (1+α)·Δ as a Hugging Face checkpoint")
+    merge.add_argument("--sft", required=True, help="SFT model: HF folder, .gguf file or hub id")
+    merge.add_argument("--delta", required=True, help="delta folder from `expo-serve delta build`")
+    merge.add_argument("--alpha", required=True, type=_finite_float, help="extrapolation strength α (-1 gives θ_sft, 0 θ_aligned)")
+    merge.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of the written weights (default: the SFT's)")
+    merge.set_defaults(run=_cmd_merge)
+
+    demo = commands.add_parser("demo", help="prepare the embedded demo pair (cached) and show it")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ExpoError as exc:
+        print(f"expo-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("expo-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

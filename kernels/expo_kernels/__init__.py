@@ -1,0 +1,36 @@
+"""ExPO kernels: delta encodings and the fused linear y = x·Wᵀ + (1+α_row)·x·Δᵀ."""
+from .encode import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RANK,
+    ENCODINGS,
+    BitDelta,
+    DenseDelta,
+    EncodedDelta,
+    Int4Delta,
+    Int8Delta,
+    LowRankDelta,
+    ZeroDelta,
+    encode_delta,
+    from_parts,
+)
+from .linear import BACKENDS, DECODE_MAX_M, expo_linear
+from .reference import reference_linear
+
+__all__ = [
+    "BACKENDS",
+    "DECODE_MAX_M",
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_RANK",
+    "ENCODINGS",
+    "BitDelta",
+    "DenseDelta",
+    "EncodedDelta",
+    "Int4Delta",
+    "Int8Delta",
+    "LowRankDelta",
+    "ZeroDelta",
+    "encode_delta",
+    "expo_linear",
+    "from_parts",
+    "reference_linear",
+]
