@@ -1,2 +1,17 @@
 """expo-serve: serve ExPO-extrapolated LLMs live, with α chosen per request."""
 __version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `expo-serve --help` does not pay for torch and transformers.
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from .engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'expo_serve' has no attribute {name!r}")

@@ -239,6 +239,10 @@ class GGUFSource(ModelSource):
 
         return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
 
+    def generation_config_dict(self) -> dict:
+        config = self._model.generation_config
+        return config.to_dict() if config is not None else {}
+
     def save_metadata(self, folder: Path) -> None:
         self.config.save_pretrained(folder)
         if self._model.generation_config is not None:

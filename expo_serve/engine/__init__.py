@@ -1,0 +1,1 @@
+"""The serving engine: continuous batching with α chosen per request."""

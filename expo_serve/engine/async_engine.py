@@ -1,0 +1,153 @@
+"""The engine behind a server: one background thread steps it; asyncio callers stream from it.
+
+All engine state is touched only by the engine thread. Callers send commands (add, abort) through
+a queue and receive outputs on their own asyncio queue. A caller that stops iterating (a client
+gone, a task cancelled) aborts its request, and the abort frees its KV blocks at the start of the
+next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from .llm_engine import EngineStats, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("expo_serve.engine")
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, _Sink] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="expo-engine", daemon=True)
+        self._stats = engine.stats()
+        self._thread.start()
+
+    # -- the caller's side ---------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        """The counts after the last step (safe to read from any thread)."""
+        return self._stats
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step it takes part in; the last is finished.
+
+        Raises InvalidRequest before the first output if the request cannot be served."""
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        sink = _Sink(loop, asyncio.Queue())
+        accepted: Future = Future()
+        self._commands.put(("add", request_id, prompt, params, sink, accepted))
+        await asyncio.wrap_future(accepted)
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Let running requests finish (up to `timeout` seconds), then stop the thread."""
+        self._commands.put(("drain",))
+        self._thread.join(timeout)
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(5.0)
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        draining = False
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                draining |= self._take_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._step()
+                elif draining:
+                    return
+
+    def _take_commands(self, block: bool) -> bool:
+        draining = False
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            kind = command[0]
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self._sinks.pop(command[1], None)
+                self.engine.abort_request(command[1])
+            elif kind == "drain":
+                draining = True
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self._stats = self.engine.stats()
+        return draining
+
+    def _add(self, request_id, prompt, params, sink: _Sink, accepted: Future) -> None:
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except Exception as exc:  # InvalidRequest, or a tokenizer failure on odd input
+            accepted.set_exception(exc)
+            return
+        self._sinks[request_id] = sink
+        accepted.set_result(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed step must not take the server down with it
+            log.exception("engine step failed; aborting the requests in flight")
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+                sink = self._sinks.pop(request_id, None)
+                if sink:
+                    sink.put(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self._stats = self.engine.stats()
+        for output in outputs:
+            sink = self._sinks.get(output.request_id)
+            if sink is None:
+                continue
+            sink.put(output)
+            if output.finished:
+                del self._sinks[output.request_id]

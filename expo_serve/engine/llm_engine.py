@@ -1,0 +1,213 @@
+"""The synchronous engine: add requests, step, collect outputs. One thread drives it."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.loader import LoadedModel, load_model
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, auto_kv_cache_bytes, kv_bytes_per_block
+from .outputs import RequestMetrics, RequestOutput
+from .sampler import sample
+from .sampling_params import InvalidRequest, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+@dataclass
+class EngineConfig:
+    sft: str
+    delta: str | None = None
+    aligned: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's, at most 4096
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: sized from kv_cache_bytes or free memory
+    kv_cache_bytes: int | None = None
+    alpha_default: float = 0.0
+    alpha_min: float = -1.0
+    alpha_max: float = 25.0
+
+    def __post_init__(self):
+        if not self.alpha_min <= self.alpha_default <= self.alpha_max:
+            raise ValueError(f"the default alpha {self.alpha_default} is outside [{self.alpha_min}, {self.alpha_max}]")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    alpha: float
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype,
+                                           device=config.device, max_positions=None)
+        self.tokenizer = self.loaded.tokenizer
+        model_len = int(getattr(self.loaded.config, "max_position_embeddings", 4096))
+        self.max_model_len = min(config.max_model_len or min(model_len, 4096), model_len)
+        per_block = kv_bytes_per_block(self.loaded.config, config.block_size, self.loaded.dtype)
+        num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or auto_kv_cache_bytes(self.loaded.device)) // per_block)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded, config.block_size, num_blocks)
+        self.requests: dict[str, _Request] = {}
+        self._vocab_size = int(self.loaded.config.vocab_size)
+
+    # -- requests ----------------------------------------------------------------------------
+    def resolve_alpha(self, alpha: float | None) -> float:
+        value = self.config.alpha_default if alpha is None else float(alpha)
+        if not self.config.alpha_min <= value <= self.config.alpha_max:
+            raise InvalidRequest(f"alpha must be in [{self.config.alpha_min}, {self.config.alpha_max}], got {value}", "alpha")
+        return value
+
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = [int(t) for t in prompt]
+        bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0 to {self._vocab_size - 1})", "prompt")
+        return None, ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises InvalidRequest for what can never be served."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id} is already in use", "request_id")
+        alpha = self.resolve_alpha(params.alpha)
+        text, ids = self.encode_prompt(prompt)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        room = self.max_model_len - len(ids)
+        if room < 0 or (room == 0 and params.max_tokens != 0):
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's context window is {self.max_model_len}",
+                                 "prompt", "context_length_exceeded")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise InvalidRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window "
+                                 f"of {self.max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        needed = self.block_manager.blocks_for(len(ids) + max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise InvalidRequest(f"the request needs {needed} KV-cache blocks; the cache has {self.block_manager.num_blocks}",
+                                 "max_tokens", "context_length_exceeded")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.loaded.eos_token_ids)
+        seqs = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seqs.append(Sequence(request_id, index, ids, params, alpha, max_tokens, stop_ids, self.tokenizer, seed))
+        self.requests[request_id] = _Request(request_id, text, ids, alpha, seqs, time.monotonic())
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+        return self._output(self.requests.pop(request_id))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
+                           self.scheduler.num_preemptions)
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the current output of every request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        step = self.runner.execute(batch)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        touched = {item.seq.request_id for item in batch}
+        if step.sampled:
+            seqs = [item.seq for item in step.sampled]
+            live = [i for i, s in enumerate(seqs) if s.max_tokens > 0]
+            for s in seqs:
+                if s.max_tokens == 0:  # prompt scoring only (echo with logprobs)
+                    s.finish("length")
+            if live:
+                tokens, logprobs = sample(step.logits[live] if len(live) < len(seqs) else step.logits, [seqs[i] for i in live])
+                for i, token, lp in zip(live, tokens, logprobs):
+                    seqs[i].append(token, lp)
+                    if seqs[i].num_tokens >= self.max_model_len and not seqs[i].finished:
+                        seqs[i].finish("length")
+            for s in seqs:
+                if s.finished:
+                    self.scheduler.finish(s)
+        outputs = []
+        for request_id in touched:
+            request = self.requests[request_id]
+            output = self._output(request)
+            if output.finished:
+                del self.requests[request_id]
+            outputs.append(output)
+        return outputs
+
+    def _output(self, request: _Request) -> RequestOutput:
+        seqs = request.seqs
+        first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        finished = all(s.finished for s in seqs)
+        metrics = RequestMetrics(request.arrival_time, min(first) if first else None, time.monotonic() if finished else None)
+        prompt_lps = seqs[0].prompt_logprobs
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            alpha=request.alpha,
+            outputs=[s.snapshot() for s in seqs],
+            prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
+            metrics=metrics,
+            finished=finished,
+        )
+
+    @torch.inference_mode()
+    def run_to_completion(self, request_ids: list[str]) -> dict[str, RequestOutput]:
+        """Step until every given request has finished (others in the engine progress too)."""
+        done: dict[str, RequestOutput] = {}
+        pending = set(request_ids)
+        while pending:
+            outputs = self.step()
+            if not outputs and not self.has_unfinished():
+                raise RuntimeError("the engine has no work but requests are unfinished")
+            for out in outputs:
+                if out.finished and out.request_id in pending:
+                    done[out.request_id] = out
+                    pending.discard(out.request_id)
+        return done

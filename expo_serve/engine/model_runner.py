@@ -1,0 +1,131 @@
+"""Runs one step of the model over a scheduled batch: inputs, KV cache, logits.
+
+The KV cache is allocated once: [layers, blocks, block_size, kv_heads, head_dim] for keys and
+the same for values, sized from a flag or from the memory left on the device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import head_dim_of
+from ..model.context import StepContext, set_context
+from ..model.loader import LoadedModel
+from .outputs import TokenLogprob
+from .sampler import top_logprobs
+from .scheduler import ScheduledSeq
+
+
+@dataclass
+class StepLogits:
+    """Logits of the rows whose next token is sampled, in batch order, and their sequences."""
+    logits: torch.Tensor  # [R, V] float32
+    sampled: list[ScheduledSeq]
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config)
+    return per_token * block_size * torch.empty(0, dtype=dtype).element_size()
+
+
+def auto_kv_cache_bytes(device: torch.device) -> int:
+    """What the cache may take when no size is given: on a GPU 90% of what the model left free;
+    on a CPU a quarter of the available memory, at most 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(available // 4, 4 * 1024**3))
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, block_size: int, num_blocks: int):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = block_size
+        config = loaded.config
+        layers = config.num_hidden_layers
+        shape = (layers, num_blocks, block_size, config.num_key_value_heads, head_dim_of(config))
+        self.k_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.attn.k_cache = self.k_cache[i]
+            layer.self_attn.attn.v_cache = self.v_cache[i]
+
+    def _context(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, StepContext]:
+        token_ids, positions, slots, alphas, seq_index, query_index = [], [], [], [], [], []
+        bs = self.block_size
+        for b, item in enumerate(batch):
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            token_ids.extend(seq.token_ids[start:start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            alphas.extend([seq.alpha] * n)
+            seq_index.extend([b] * n)
+            query_index.extend(range(n))
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in batch]
+        dev = self.device
+        as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=dev)  # noqa: E731
+        ctx = StepContext(
+            alpha=torch.tensor(alphas, dtype=torch.float32, device=dev),
+            # (1+α) rounded once from double, as the reference merge rounds it.
+            scale=torch.tensor([1.0 + a for a in alphas], dtype=torch.float32, device=dev),
+            positions=as_long(positions),
+            slot_mapping=as_long(slots),
+            block_tables=as_long(tables),
+            context_lens=as_long(context_lens),
+            query_lens=[item.num_new_tokens for item in batch],
+            max_context_len=max(context_lens),
+            seq_index=as_long(seq_index),
+            query_index=as_long(query_index),
+            is_decode_only=all(item.num_new_tokens == 1 for item in batch),
+        )
+        return as_long(token_ids), ctx
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> StepLogits:
+        """Run the batch; record prompt logprobs where asked; return the logits to sample from."""
+        token_ids, ctx = self._context(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(token_ids, ctx.positions)
+            rows, sampled, prompt_rows = [], [], []
+            offset = 0
+            for item in batch:
+                seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+                if seq.prompt_logprobs is not None:
+                    # Row at position p predicts token p+1; only prompt tokens are scored, once
+                    # (a preempted sequence recomputes rows it has already scored).
+                    first = max(start, len(seq.prompt_logprobs) - 1)
+                    last = min(start + n, seq.num_prompt_tokens - 1)
+                    prompt_rows.extend((seq, offset + p - start, p + 1) for p in range(first, last))
+                if item.completes:
+                    rows.append(offset + n - 1)
+                    sampled.append(item)
+                offset += n
+            if prompt_rows:
+                self._score_prompt(hidden, ctx.alpha, prompt_rows)
+            if not rows:
+                return StepLogits(torch.empty(0), [])
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index), ctx.alpha.index_select(0, index))
+            return StepLogits(logits, sampled)
+        finally:
+            set_context(None)
+
+    def _score_prompt(self, hidden: torch.Tensor, alpha: torch.Tensor, prompt_rows) -> None:
+        index = torch.tensor([r for _, r, _ in prompt_rows], dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index), alpha.index_select(0, index))
+        log_probs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor([seq.token_ids[p] for seq, _, p in prompt_rows], dtype=torch.int64, device=self.device)
+        k = max(seq.params.prompt_logprobs for seq, _, _ in prompt_rows)
+        scored: list[TokenLogprob] = top_logprobs(log_probs, targets, k)
+        for (seq, _, _), lp in zip(prompt_rows, scored):
+            lp.top = lp.top[: seq.params.prompt_logprobs]
+            seq.prompt_logprobs.append(lp)

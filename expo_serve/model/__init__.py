@@ -1,0 +1,1 @@
+"""The model runtime: ExPO-aware layers, paged attention, the Llama family, weight loading."""

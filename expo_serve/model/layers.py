@@ -1,0 +1,118 @@
+"""ExPO-aware layers: every parameter p is served as p_sft + (1+α)·Δp, with α per token row.
+
+- ExpoLinear: y = x·Wᵀ + (1+α)·x·Δᵀ through `expo_linear` (Triton on CUDA, torch on a CPU), plus
+  b + (1+α)·Δb. Fused modules (q/k/v, gate/up) load each shard's W and Δ into their rows.
+- ExpoEmbedding: E[t] + (1+α)·ΔE[t], decoding only the looked-up rows of Δ.
+- ExpoRMSNorm: the normalized x times w + (1+α)·Δw.
+For norms and embeddings the per-row parameter is formed exactly as the reference merge forms it
+(θ_sft + Δ·(1+α) in float32), so those layers match a merged checkpoint bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expo_kernels import DenseDelta, EncodedDelta, ZeroDelta, expo_linear
+
+from .context import get_context
+from .fused_delta import concat_rows
+
+
+class ExpoLinear(nn.Module):
+    """A linear layer over θ_sft and an encoded Δ; `shards` names the HF modules fused into it."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], *, bias: bool, dtype: torch.dtype, device):
+        super().__init__()
+        self.in_features = in_features
+        self.shards = dict(shards)
+        self.out_features = sum(shards.values())
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.delta: EncodedDelta = ZeroDelta(shape=(self.out_features, in_features))
+        self.delta_bias: torch.Tensor | None = None
+        self._pending: dict[str, dict[str, EncodedDelta]] = {"weight": {}, "bias": {}}
+
+    def _rows(self, shard: str) -> slice:
+        start = 0
+        for name, size in self.shards.items():
+            if name == shard:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(shard)
+
+    def load_base(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
+        target = self.weight if kind == "weight" else self.bias
+        target.data[self._rows(shard)].copy_(tensor)
+
+    def load_delta(self, shard: str, kind: str, delta: EncodedDelta) -> None:
+        self._pending[kind][shard] = delta
+
+    def finalize(self) -> None:
+        """Join the shards' deltas once all are loaded (a shard never given counts as zero)."""
+        dtype = self.weight.dtype
+        weights = [self._pending["weight"].get(s, ZeroDelta(shape=(n, self.in_features))) for s, n in self.shards.items()]
+        self.delta = concat_rows(weights, dtype) if len(weights) > 1 else weights[0]
+        if self.bias is not None:
+            biases = [self._pending["bias"].get(s, ZeroDelta(shape=(n,))) for s, n in self.shards.items()]
+            joined = concat_rows(biases, dtype)
+            self.delta_bias = None if isinstance(joined, ZeroDelta) else joined.dequantize(dtype).to(self.weight.device)
+        self._pending = {"weight": {}, "bias": {}}
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        alpha = get_context().alpha if alpha is None else alpha
+        return expo_linear(x, self.weight, self.delta, alpha, bias=self.bias, delta_bias=self.delta_bias)
+
+
+class ExpoEmbedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, *, dtype: torch.dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype, device=device), requires_grad=False)
+        self.delta: EncodedDelta = ZeroDelta(shape=(num_embeddings, dim))
+
+    def load_base(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
+        self.weight.data.copy_(tensor)
+
+    def load_delta(self, shard: str, kind: str, delta: EncodedDelta) -> None:
+        self.delta = delta
+
+    def finalize(self) -> None:
+        pass
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(token_ids, self.weight)
+        if isinstance(self.delta, ZeroDelta):
+            return rows
+        scale = get_context().scale
+        if isinstance(self.delta, DenseDelta):
+            delta_rows = F.embedding(token_ids, self.delta.delta).to(torch.float32)
+        else:
+            delta_rows = self.delta.rows(token_ids, torch.float32)
+        return (rows.to(torch.float32) + delta_rows * scale[:, None]).to(rows.dtype)
+
+
+class ExpoRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, dtype: torch.dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+        self.delta: torch.Tensor | None = None
+
+    def load_base(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
+        self.weight.data.copy_(tensor)
+
+    def load_delta(self, shard: str, kind: str, delta: EncodedDelta) -> None:
+        self.delta = None if isinstance(delta, ZeroDelta) else delta.dequantize(torch.float32).to(self.weight.device)
+
+    def finalize(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The order of operations is transformers' LlamaRMSNorm, so the result matches it exactly.
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.delta is None:
+            return self.weight * h.to(dtype)
+        weight = self.weight.to(torch.float32)[None, :] + self.delta[None, :] * get_context().scale[:, None]
+        return weight.to(dtype) * h.to(dtype)

@@ -1,0 +1,136 @@
+"""Load θ_sft and Δ into the ExPO model: both through the same per-module loaders.
+
+Δ comes from a delta folder (checked against the base's fingerprint), from an aligned
+checkpoint (Δ = θ_aligned − θ_sft computed here in float32 and kept dense), or from nowhere
+(a plain model: every Δ is zero, α changes nothing; this is how a merged checkpoint is served).
+Tokenizer, chat template and generation defaults come from the aligned model when there is one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from expo_kernels import DenseDelta, EncodedDelta, ZeroDelta
+
+from ..delta.build import verify_pair
+from ..delta.sources import FolderSource, ModelSource, open_source
+from ..delta.store import DeltaCheckpoint, Fingerprint
+from ..errors import ExpoError
+from .llama import SUPPORTED_ARCHITECTURES, ExpoForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: ExpoForCausalLM
+    config: object
+    tokenizer: object
+    eos_token_ids: list[int]
+    delta_encoding: str  # "none" when serving without a delta
+    dtype: torch.dtype
+    device: torch.device
+    sources: dict = field(default_factory=dict)
+
+
+def load_model(
+    sft: str,
+    *,
+    delta: str | None = None,
+    aligned: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    max_positions: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> LoadedModel:
+    if delta and aligned:
+        raise ExpoError("give either a delta folder or an aligned model, not both")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = torch.device(device)
+    base = open_source(sft)
+    if base.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ExpoError(f"{sft} is a {base.architecture}; expo-serve runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+    checkpoint = aligned_source = None
+    if delta:
+        checkpoint = DeltaCheckpoint(delta)
+        checkpoint.check_layout(base)
+        tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta)
+        encoding = checkpoint.manifest["encoding"]
+    elif aligned:
+        aligned_source = open_source(aligned)
+        verify_pair(base, aligned_source)
+        tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
+        encoding = "dense"
+    else:
+        tokenizer, eos = _tokenizer_and_eos_from_source(base)
+        encoding = "none"
+
+    config = base.config
+    positions = max_positions or int(getattr(config, "max_position_embeddings", 4096))
+    names = base.parameter_names
+    model = ExpoForCausalLM(config, names, "lm_head.weight" in base.tied, positions, dtype, device)
+    fingerprint = Fingerprint()
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), name)
+        tensor = base.get(name)
+        fingerprint.add(name, tensor)
+        module, shard, kind = model.module_for(name)
+        module.load_base(shard, kind, tensor.to(device=device, dtype=dtype))
+        if checkpoint is not None:
+            module.load_delta(shard, kind, _on_device(checkpoint.load(name), device, dtype))
+        elif aligned_source is not None:
+            exact = aligned_source.get(name).to(torch.float32) - tensor.to(torch.float32)
+            encoded: EncodedDelta = DenseDelta(shape=tuple(exact.shape), delta=exact) if torch.any(exact) else ZeroDelta(shape=tuple(exact.shape))
+            module.load_delta(shard, kind, _on_device(encoded, device, dtype))
+    if checkpoint is not None:
+        checkpoint.check_base(fingerprint.hexdigest(), sft)
+    for module in model.modules():
+        if hasattr(module, "finalize"):
+            module.finalize()
+    if progress:
+        progress(len(names), len(names), "done")
+    model.eval()
+    return LoadedModel(model, config, tokenizer, eos, encoding, dtype, device,
+                       {"sft": sft, "delta": delta, "aligned": aligned, "fingerprint": fingerprint.hexdigest()})
+
+
+def _on_device(delta: EncodedDelta, device: torch.device, dtype: torch.dtype) -> EncodedDelta:
+    """Move Δ to the device. Matrices take the model's dtype; 1-D Δ (norms, biases) stay float32,
+    since they are applied as exact per-row parameters."""
+    if delta.encoding == "zero":
+        return delta
+    if len(delta.shape) == 1:
+        return delta.to(device, torch.float32)
+    return delta.to(device, dtype)
+
+
+def _eos_ids(generation_config: dict, tokenizer) -> list[int]:
+    ids = generation_config.get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
+def _tokenizer_and_eos(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ExpoError(f"cannot load the tokenizer from {folder}: {exc}") from exc
+    gen_path = Path(folder) / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return tokenizer, _eos_ids(generation, tokenizer)
+
+
+def _tokenizer_and_eos_from_source(source: ModelSource):
+    if isinstance(source, FolderSource):
+        return _tokenizer_and_eos(source.folder)
+    tokenizer = source.load_tokenizer()
+    return tokenizer, _eos_ids(source.generation_config_dict(), tokenizer)
