@@ -9,6 +9,8 @@ path, so a batch may mix them.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _triton_attention(device: torch.device) -> bool:
+    """Decode reads blocks in place with the Triton kernel on CUDA (and under the interpreter)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None):
         super().__init__()
@@ -76,6 +83,11 @@ class PagedAttention(nn.Module):
         flat_k.index_copy_(0, ctx.slot_mapping, k)
         flat_v.index_copy_(0, ctx.slot_mapping, v)
 
+        if ctx.is_decode_only and _triton_attention(q.device):
+            from .paged_decode_attention import paged_decode_attention
+
+            out = paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, self.window)
+            return out.reshape(out.shape[0], self.num_heads * self.head_dim)
         num_seqs, max_q, max_k = ctx.num_seqs, ctx.max_query_len, ctx.max_context_len
         keys = self.k_cache[ctx.block_tables].flatten(1, 2)[:, :max_k]  # [B, max_k, Hkv, D]
         values = self.v_cache[ctx.block_tables].flatten(1, 2)[:, :max_k]
