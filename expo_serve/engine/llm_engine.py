@@ -14,7 +14,7 @@ from .outputs import RequestMetrics, RequestOutput
 from .sampler import sample
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
 
 @dataclass
@@ -33,6 +33,7 @@ class EngineConfig:
     alpha_default: float = 0.0
     alpha_min: float = -1.0
     alpha_max: float = 25.0
+    enforce_eager: bool = False  # on CUDA, do not capture decode steps in CUDA graphs
 
     def __post_init__(self):
         if not self.alpha_min <= self.alpha_default <= self.alpha_max:
@@ -75,7 +76,8 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or auto_kv_cache_bytes(self.loaded.device)) // per_block)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded, config.block_size, num_blocks)
+        self.runner = ModelRunner(self.loaded, config.block_size, num_blocks, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager)
         self.requests: dict[str, _Request] = {}
         self._vocab_size = int(self.loaded.config.vocab_size)
 

@@ -41,19 +41,28 @@ def auto_kv_cache_bytes(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, block_size: int, num_blocks: int):
+    def __init__(self, loaded: LoadedModel, block_size: int, num_blocks: int, *, max_num_seqs: int, max_model_len: int,
+                 cuda_graphs: bool):
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
         config = loaded.config
         layers = config.num_hidden_layers
-        shape = (layers, num_blocks, block_size, config.num_key_value_heads, head_dim_of(config))
+        # One block past the allocator's: the scratch block that CUDA-graph padding rows write to.
+        shape = (layers, num_blocks + 1, block_size, config.num_key_value_heads, head_dim_of(config))
         self.k_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.attn.k_cache = self.k_cache[i]
             layer.self_attn.attn.v_cache = self.v_cache[i]
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, config.hidden_size, loaded.dtype, self.device, max_num_seqs,
+                                       -(-max_model_len // block_size), scratch_block=num_blocks, block_size=block_size)
+            self.graphs.capture()
 
     def _context(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, StepContext]:
         token_ids, positions, slots, alphas, seq_index, query_index = [], [], [], [], [], []
@@ -94,7 +103,12 @@ class ModelRunner:
         token_ids, ctx = self._context(batch)
         set_context(ctx)
         try:
-            hidden = self.model(token_ids, ctx.positions)
+            scoring = any(item.seq.prompt_logprobs is not None for item in batch)
+            if self.graphs is not None and ctx.is_decode_only and not scoring and self.graphs.fits(len(batch)):
+                hidden = self.graphs.run(token_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
+                                         ctx.alpha, ctx.scale)
+            else:
+                hidden = self.model(token_ids, ctx.positions)
             rows, sampled, prompt_rows = [], [], []
             offset = 0
             for item in batch:
