@@ -1,0 +1,170 @@
+"""The torch path of expo_linear: what runs on a CPU (and anywhere the Triton kernels do not).
+
+Plain torch ops, chosen for speed on a CPU:
+- Rows whose α is shared by at least MERGE_MIN_ROWS rows (a prompt, an A/B arm at prefill) run as
+  ONE product against the merged weight W + (1+α)·Δ, formed for that α: the reference merge
+  formula itself, so in float32 the rows match the merged checkpoint. Forming it costs a pass over
+  W and Δ, which a product saved over that many rows repays (the merge is memory-bound, the
+  product compute-bound).
+- The other rows (decode steps, mixed α) run ((1+α)·x)·Δᵀ + x·Wᵀ: the row scaling moves onto x,
+  so the second product is the first one's bias, and W and Δ are each read once for all rows.
+- lowrank Δ = b·a never becomes dense: (((1+α)·x)·aᵀ)·bᵀ + x·Wᵀ, the same way.
+- int8, int4 and bit Δ are decoded once per compute dtype and kept (`dense_delta`), since the CPU
+  has no fast product on packed codes. The trade: on a CPU the Δ of an fp32 model costs 4 bytes a
+  value in memory, as much as dense, instead of its packed size. The GPU path never does this.
+Looking at α to find the shared values reads it on the host, free on a CPU; on a GPU (when the
+torch path is forced there) only the two-product form runs, so it never synchronises either.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .encode import EncodedDelta, from_parts
+
+# A merged product replaces two products over the segment's rows but costs a pass over W and Δ.
+# On the 2-core dev machine (one thread, a 576x1536 layer) it took 0.4-0.8x the time of two
+# products from 32 to 512 rows of one α, and won more as rows grew.
+MERGE_MIN_ROWS = 32
+
+# Part names in the order EncodedDelta.parts() lists them, for rebuilding a delta from its parts.
+PART_NAMES = {
+    "dense": ("delta",),
+    "int8": ("q", "scale"),
+    "int4": ("packed", "scale"),
+    "bit": ("packed", "scale"),
+    "lowrank": ("a", "b"),
+}
+
+# id(delta) -> (the part versions it was decoded from, {dtype: dense Δ}); an entry leaves when its
+# delta is garbage-collected.
+_DENSE_CACHE: dict[int, tuple[tuple, dict[torch.dtype, torch.Tensor]]] = {}
+
+
+def dense_delta(delta: EncodedDelta, dtype: torch.dtype) -> torch.Tensor:
+    """Δ as a dense tensor of `dtype`, decoded on first use and kept while `delta` lives.
+
+    Kept per delta object and re-decoded if one of its parts was modified in place since."""
+    if delta.encoding == "dense" and delta.delta.dtype == dtype:
+        return delta.delta
+    key = id(delta)
+    versions = tuple(p._version for p in delta.parts().values())
+    entry = _DENSE_CACHE.get(key)
+    if entry is None or entry[0] != versions:
+        if entry is None:
+            weakref.finalize(delta, _DENSE_CACHE.pop, key, None)
+        entry = (versions, {})
+        _DENSE_CACHE[key] = entry
+    decoded = entry[1]
+    if dtype not in decoded:
+        decoded[dtype] = delta.dequantize(dtype).to(next(iter(delta.parts().values())).device).contiguous()
+    return decoded[dtype]
+
+
+def clear_cache() -> None:
+    """Drop every decoded Δ (they come back on next use)."""
+    _DENSE_CACHE.clear()
+
+
+def decode_parts(encoding: str, parts: list[torch.Tensor], group_size: int, shape: tuple[int, int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Dense Δ from stored parts, uncached (for callers that hold only the parts)."""
+    params = {"group_size": group_size} if encoding == "int4" else {}
+    delta = from_parts(encoding, shape, dict(zip(PART_NAMES[encoding], parts)), params)
+    return delta.dequantize(dtype).to(parts[0].device)
+
+
+def torch_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    encoding: str,
+    parts: list[torch.Tensor],
+    group_size: int,
+    alpha_rows: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [M, N] for x [M, K], weight [N, K], Δ as encoding + parts, α [M] float32; x's dtype."""
+    alpha = alpha_rows if alpha_rows.dtype == torch.float32 else alpha_rows.float()
+    if encoding == "zero":
+        return _add_delta_bias(F.linear(x, weight, bias), alpha, delta_bias)
+    if encoding == "lowrank":
+        a, b = (p if p.dtype == x.dtype else p.to(x.dtype) for p in parts)
+        y = F.linear(F.linear(_scaled_rows(x, alpha), a), b, F.linear(x, weight, bias))  # ((1+α)x·aᵀ)·bᵀ + x·Wᵀ
+        return _add_delta_bias(y, alpha, delta_bias)
+    if encoding == "dense":
+        delta = parts[0] if parts[0].dtype == x.dtype else parts[0].to(x.dtype)
+    else:
+        delta = decode_parts(encoding, parts, group_size, tuple(weight.shape), x.dtype)
+    if x.device.type != "cpu" or x.shape[0] < MERGE_MIN_ROWS:
+        return _two_products(x, weight, delta, alpha, bias, delta_bias)
+    return _by_shared_alpha(x, weight, delta, alpha, bias, delta_bias)
+
+
+def _by_shared_alpha(x, weight, delta, alpha, bias, delta_bias):
+    """Merged products for the α that enough rows share, two products for the other rows."""
+    m = x.shape[0]
+    values, inverse, counts = torch.unique(alpha, return_inverse=True, return_counts=True)
+    coefs = (1.0 + values).tolist()  # 1 + α in float32, as the kernels form it
+    shared = [(i, c) for i, (c, n) in enumerate(zip(coefs, counts.tolist()))
+              if n >= MERGE_MIN_ROWS and c - c == 0.0]  # c - c == 0: finite
+    if not shared:
+        return _two_products(x, weight, delta, alpha, bias, delta_bias)
+    if len(shared) == 1 and counts[shared[0][0]] == m:  # one α for the whole batch
+        return _merged_product(x, weight, delta, shared[0][1], bias, delta_bias)
+    out = torch.empty((m, weight.shape[0]), dtype=x.dtype)
+    merged = torch.empty_like(delta)  # one buffer for every segment: a fresh one each is page faults
+    rest = torch.ones(m, dtype=torch.bool)
+    for i, c in shared:
+        rows = _rows(inverse == i)
+        out[rows] = _merged_product(x[rows], weight, delta, c, bias, delta_bias, merged)
+        rest[rows] = False
+    if rest.any():
+        rows = _rows(rest)
+        out[rows] = _two_products(x[rows], weight, delta, alpha[rows], bias, delta_bias)
+    return out
+
+
+def _rows(mask: torch.Tensor):
+    """The rows where mask holds: a slice when they are contiguous (a prompt's rows are), which
+    indexes without copying x, else their indices."""
+    rows = mask.nonzero().squeeze(1)
+    first, last = rows[0].item(), rows[-1].item()
+    return slice(first, last + 1) if last - first + 1 == rows.numel() else rows
+
+
+def _merged_product(x, weight, delta, c: float, bias, delta_bias, merged=None):
+    """x·(W + c·Δ)ᵀ + bias + c·delta_bias, merged as expo_serve.delta.merge does (W + Δ·c): in
+    float32 the rows get the merged checkpoint's bits. `merged` is an optional buffer for it."""
+    merged = torch.mul(delta, c, out=merged) if merged is not None else delta * c
+    merged += weight
+    b = bias
+    if delta_bias is not None:
+        b = delta_bias * c if bias is None else bias + delta_bias * c
+    return F.linear(x, merged, None if b is None else b.to(x.dtype))
+
+
+def _two_products(x, weight, delta, alpha, bias, delta_bias):
+    """((1+α)·x)·Δᵀ + x·Wᵀ: with the row scaling moved onto x, the first product takes the second
+    as its bias (one addmm), and the whole is three ops; at decode sizes each op is mostly its
+    fixed cost (3-18 µs on the dev machine), so fewer ops is what makes this faster."""
+    y = F.linear(_scaled_rows(x, alpha), delta, F.linear(x, weight, bias))
+    return _add_delta_bias(y, alpha, delta_bias)
+
+
+def _scaled_rows(x, alpha):
+    """(1+α[row])·x, as x + α·x in one op in float32; 16-bit x is scaled in fp32, rounded once."""
+    if x.dtype == torch.float32:
+        return torch.addcmul(x, x, alpha.unsqueeze(1))
+    return (x.float() * (1.0 + alpha)[:, None]).to(x.dtype)
+
+
+def _add_delta_bias(y, alpha, delta_bias):
+    """y + (1+α[row])·delta_bias (the term formed in fp32)."""
+    if delta_bias is None:
+        return y
+    if y.dtype == torch.float32:
+        return y.addcmul_((1.0 + alpha)[:, None], delta_bias.float()[None, :])
+    return y.add_(((1.0 + alpha)[:, None] * delta_bias.float()[None, :]).to(y.dtype))
