@@ -87,11 +87,22 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .server.runner import serve
+    from .server.settings import settings_from_args
+
+    return serve(settings_from_args(args))
+
+
 def _cmd_demo(args) -> int:
     from .demo.run import run_demo
+    from .server.runner import serve_demo
 
-    run_demo()
-    return 0
+    pair, delta = run_demo()
+    if args.no_serve:
+        return 0
+    return serve_demo(pair, args.host, args.port, delta=delta, experiments=args.experiments, db=args.db,
+                      admin_key=args.admin_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of the written weights (default: the SFT's)")
     merge.set_defaults(run=_cmd_merge)
 
-    demo = commands.add_parser("demo", help="prepare the embedded demo pair (cached) and show it")
+    from .server.settings import add_settings_arguments
+
+    serve = commands.add_parser("serve", help="serve θ_sft + (1+α)·Δ over OpenAI's HTTP API, α chosen per request",
+                                description="Options can also be set as environment variables: --max-num-seqs is "
+                                            "EXPO_SERVE_MAX_NUM_SEQS (the option wins).")
+    add_settings_arguments(serve)
+    serve.set_defaults(run=_cmd_serve)
+
+    demo = commands.add_parser("demo", help="prepare the embedded demo pair (cached), show it, and serve it")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve the demo on (default: 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="port to serve the demo on (default: 8000)")
+    demo.add_argument("--experiments", help="YAML or JSON file of A/B experiments to run on the demo")
+    demo.add_argument("--db", help="experiments database URL (default: SQLite under EXPO_HOME)")
+    demo.add_argument("--admin-key", help="key for the experiment admin routes")
+    demo.add_argument("--no-serve", action="store_true", help="show the answers and exit without serving")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -54,7 +54,8 @@ def show_answers(llm, prompts: list[str], alphas=SHOW_ALPHAS, max_tokens: int = 
     return answers
 
 
-def run_demo() -> None:
+def run_demo():
+    """Prepare the pair and its delta, print answers at α = -1, 0, 0.3, 1; return (pair, delta)."""
     from ..demo.pair import prepare_demo_pair
     from ..llm import LLM
 
@@ -63,3 +64,5 @@ def run_demo() -> None:
     llm = LLM(str(pair.sft_dir), delta=str(delta))
     print("θ(α) = θ_sft + (1+α)·Δ: α = -1 is the SFT model, α = 0 the aligned one (made locally by a short DPO run).")
     show_answers(llm, pair.prompts)
+    del llm  # the server loads its own engine
+    return pair, delta

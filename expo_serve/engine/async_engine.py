@@ -63,7 +63,11 @@ class AsyncEngine:
         sink = _Sink(loop, asyncio.Queue())
         accepted: Future = Future()
         self._commands.put(("add", request_id, prompt, params, sink, accepted))
-        await asyncio.wrap_future(accepted)
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the engine may have taken it meanwhile
+            raise
         finished = False
         try:
             while True:
@@ -123,6 +127,8 @@ class AsyncEngine:
         return draining
 
     def _add(self, request_id, prompt, params, sink: _Sink, accepted: Future) -> None:
+        if not accepted.set_running_or_notify_cancel():  # the caller gave up before its turn
+            return
         try:
             self.engine.add_request(prompt, params, request_id)
         except Exception as exc:  # InvalidRequest, or a tokenizer failure on odd input

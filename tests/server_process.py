@@ -1,0 +1,98 @@
+"""A real `expo-serve serve` process on localhost for the server tests.
+
+It listens on a port the kernel picks (--port 0) and says which in the banner it prints once
+ready, so parallel runs never race for a port. Its output goes to a log file (a pipe nobody reads
+would fill and stall it), shown when a test fails to start it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# uvicorn ends a process it has shut down gracefully on SIGTERM by raising the signal again.
+CLEAN_EXIT = (0, -signal.SIGTERM)
+BANNER = re.compile(r"expo-serve: serving (\S+) at (http://\S+)")
+
+
+def serve_command(sft: Path, aligned: Path, *options: str) -> list[str]:
+    """`expo-serve serve` on a free loopback port with a small KV cache (options may override)."""
+    return [sys.executable, "-m", "expo_serve", "serve", "--sft", str(sft), "--aligned", str(aligned),
+            "--host", "127.0.0.1", "--port", "0", "--kv-cache-gib", "0.05", *options]
+
+
+class ServerProcess:
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 start_timeout: float = 300.0):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+        self.model, self.url = self._wait_for_banner(start_timeout)
+        self.base_url = self.url + "/v1"
+
+    def _wait_for_banner(self, timeout: float) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = BANNER.search(self.log())
+            if found:
+                return found.group(1), found.group(2)
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server did not start; its log:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text()
+
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled-or-single-series value of each expo: metric, summed over labels."""
+        values: dict[str, float] = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith("expo:"):
+                name, value = line.rsplit(" ", 1)
+                key = name.split("{", 1)[0]
+                values[key] = values.get(key, 0.0) + float(value)
+        return values
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def sse_events(raw: str) -> list[str]:
+    """The data of each server-sent event, in order."""
+    return [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
+
+
+def sse_json(raw: str) -> list[dict]:
+    return [json.loads(data) for data in sse_events(raw) if data != "[DONE]"]
+
+
+def run_printed_examples(log: str) -> tuple[dict, str]:
+    """Run the curl and openai-client examples exactly as the server printed them (bash, with this
+    interpreter's folder first on PATH so `python3` has the openai package); returns the curl
+    reply and what the Python example printed."""
+    curl = log[log.index("curl -s"): log.index("\n\n", log.index("curl -s"))]
+    start = log.index("python3 - <<'PY'")
+    python = log[start: log.index("\nPY", start) + 3]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    reply = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, env=env, check=True).stdout
+    done = subprocess.run(["bash", "-c", python], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(reply), done.stdout
