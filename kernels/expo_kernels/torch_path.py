@@ -76,6 +76,24 @@ def decode_parts(encoding: str, parts: list[torch.Tensor], group_size: int, shap
     return delta.dequantize(dtype).to(parts[0].device)
 
 
+# MKL's sgemm at decode sizes slows sharply once W outgrows the caches: on the dev machine (2-core
+# EPYC, 8 MiB L3, fp32) a 576→49152 lm_head at M = 16 takes 59 ms in one product and 29 ms as
+# 1024-row slices, a 576→3072 gate/up 2.5 ms against 1.8; under 2048 rows slicing gains nothing,
+# and a single row (a GEMV) is memory-bound either way (bench/NOTES.md, "slicing wide products").
+_SLICE_ROWS = 1024
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, computed in slices of output rows where that is faster (see _SLICE_ROWS).
+    `bias` may be [N] or a full [M, N] addend."""
+    n = weight.shape[0]
+    if x.device.type != "cpu" or n <= 2 * _SLICE_ROWS or x.shape[0] < 2:
+        return F.linear(x, weight, bias)
+    pieces = [F.linear(x, weight[i:i + _SLICE_ROWS], None if bias is None else bias[..., i:i + _SLICE_ROWS])
+              for i in range(0, n, _SLICE_ROWS)]
+    return torch.cat(pieces, dim=-1)
+
+
 def torch_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -89,10 +107,10 @@ def torch_linear(
     """y [M, N] for x [M, K], weight [N, K], Δ as encoding + parts, α [M] float32; x's dtype."""
     alpha = alpha_rows if alpha_rows.dtype == torch.float32 else alpha_rows.float()
     if encoding == "zero":
-        return _add_delta_bias(F.linear(x, weight, bias), alpha, delta_bias)
+        return _add_delta_bias(_linear(x, weight, bias), alpha, delta_bias)
     if encoding == "lowrank":
         a, b = (p if p.dtype == x.dtype else p.to(x.dtype) for p in parts)
-        y = F.linear(F.linear(_scaled_rows(x, alpha), a), b, F.linear(x, weight, bias))  # ((1+α)x·aᵀ)·bᵀ + x·Wᵀ
+        y = _linear(_linear(_scaled_rows(x, alpha), a), b, _linear(x, weight, bias))  # ((1+α)x·aᵀ)·bᵀ + x·Wᵀ
         return _add_delta_bias(y, alpha, delta_bias)
     if encoding == "dense":
         delta = parts[0] if parts[0].dtype == x.dtype else parts[0].to(x.dtype)
@@ -143,14 +161,14 @@ def _merged_product(x, weight, delta, c: float, bias, delta_bias, merged=None):
     b = bias
     if delta_bias is not None:
         b = delta_bias * c if bias is None else bias + delta_bias * c
-    return F.linear(x, merged, None if b is None else b.to(x.dtype))
+    return _linear(x, merged, None if b is None else b.to(x.dtype))
 
 
 def _two_products(x, weight, delta, alpha, bias, delta_bias):
     """((1+α)·x)·Δᵀ + x·Wᵀ: with the row scaling moved onto x, the first product takes the second
     as its bias (one addmm), and the whole is three ops; at decode sizes each op is mostly its
     fixed cost (3-18 µs on the dev machine), so fewer ops is what makes this faster."""
-    y = F.linear(_scaled_rows(x, alpha), delta, F.linear(x, weight, bias))
+    y = _linear(_scaled_rows(x, alpha), delta, _linear(x, weight, bias))
     return _add_delta_bias(y, alpha, delta_bias)
 
 
