@@ -85,13 +85,13 @@ def sse_json(raw: str) -> list[dict]:
 
 
 def run_printed_examples(log: str) -> tuple[dict, str]:
-    """Run the curl and openai-client examples exactly as the server printed them (bash, with this
-    interpreter's folder first on PATH so `python3` has the openai package); returns the curl
-    reply and what the Python example printed."""
+    """Run the curl and openai-client examples exactly as the server printed them, in bash with the
+    environment as it is (the Python example names an interpreter that has the openai package);
+    returns the curl reply and what the Python example printed."""
     curl = log[log.index("curl -s"): log.index("\n\n", log.index("curl -s"))]
-    start = log.index("python3 - <<'PY'")
+    start = log.rindex("\n", 0, log.index(" - <<'PY'")) + 1
     python = log[start: log.index("\nPY", start) + 3]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = dict(os.environ)
     reply = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, env=env, check=True).stdout
     done = subprocess.run(["bash", "-c", python], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

@@ -5,7 +5,9 @@ Both run as printed in a POSIX shell; with an API key they read it from EXPO_SER
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 KEY_ENV = "EXPO_SERVE_API_KEY"
 QUESTION = "Give me three tips for sleeping well."
@@ -18,9 +20,15 @@ def curl_example(base_url: str, model: str, alpha: float, with_key: bool) -> str
             f"  -d '{json.dumps(body)}'")
 
 
-def openai_example(base_url: str, model: str, alpha: float, with_key: bool) -> str:
+def python_with_openai() -> str:
+    """This interpreter when it has the openai package (as `make demo`'s venv does), so the
+    example runs as printed from any shell; else plain python3."""
+    return sys.executable if importlib.util.find_spec("openai") is not None else "python3"
+
+
+def openai_example(base_url: str, model: str, alpha: float, with_key: bool, python: str = "python3") -> str:
     key = f'os.environ["{KEY_ENV}"]' if with_key else '"unused"'
-    return f"""python3 - <<'PY'
+    return f"""{python} - <<'PY'
 import os
 from openai import OpenAI
 
@@ -46,6 +54,6 @@ def banner(base_url: str, model: str, alpha: float, with_key: bool) -> str:
         "",
         "or with the openai client (pip install openai):",
         "",
-        openai_example(base_url, model, alpha, with_key),
+        openai_example(base_url, model, alpha, with_key, python_with_openai()),
         "",
     ])
