@@ -84,7 +84,7 @@ def main() -> None:
     print("|---|" + "---:|" * len(ALPHAS))
     for label, _, _ in sizes:
         cells = [next(r for r in rows if r.encoding == label and r.alpha == a) for a in ALPHAS]
-        print(f"| {label} | " + " | ".join(f"{c.shift_lost:.4f}" for c in cells) + " |")
+        print(f"| {label} | " + " | ".join(f"{c.shift_lost:.2e}" for c in cells) + " |")
     kl_sft = {a: next(r.kl_sft for r in rows if r.alpha == a) for a in ALPHAS}
     print("\nKL(exact‖θ_sft) itself: " + ", ".join(f"α = {a:g}: {v:.4f} nats/token" for a, v in kl_sft.items()))
 

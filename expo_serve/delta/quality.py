@@ -52,6 +52,8 @@ class _Evaluator:
 
 
 def _mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    # In float64: the KL of a near-exact encoding is ~1e-7 nats, below float32's rounding of the sum.
+    p_log, q_log = p_log.double(), q_log.double()
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
