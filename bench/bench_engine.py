@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -29,28 +28,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-ARMS = (0.0, 0.3, 1.0)
+from workload import ARMS, make_workload  # noqa: E402
+
 ENCODINGS = ("dense", "int8", "int4", "bit", "lowrank")
-
-
-def make_workload(tokenizer, n: int, seed: int, corpus: list[str]):
-    """Chat prompts of 63–231 tokens (sentences drawn from the corpus) and their max_tokens."""
-    rng = random.Random(seed)
-    requests = []
-    for i in range(n):
-        target = rng.randint(63, 231)
-        words: list[str] = []
-        ids: list[int] = []
-        while True:
-            words.append(rng.choice(corpus))
-            messages = [{"role": "user", "content": "Summarize this: " + " ".join(words)}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) >= target:
-                break
-        requests.append({"prompt_ids": ids, "max_tokens": rng.randint(16, 128), "alpha": rng.choice(ARMS)})
-    return requests
 
 
 def run_hf(model_dir: Path, requests, batch_size: int) -> float:
@@ -61,11 +43,11 @@ def run_hf(model_dir: Path, requests, batch_size: int) -> float:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def batch_run(batch):
-        width = max(len(r["prompt_ids"]) for r in batch)
-        ids = torch.tensor([[pad] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in batch])
-        mask = torch.tensor([[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in batch])
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=max(r["max_tokens"] for r in batch), do_sample=False,
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch), do_sample=False,
                            eos_token_id=None, pad_token_id=pad)
 
     batch_run(requests[:2])  # warm-up
@@ -81,13 +63,13 @@ def run_engine(requests, concurrency: int, per_request_alpha: bool, **llm_args) 
     llm = LLM(max_num_seqs=concurrency, max_model_len=1024, **llm_args)
 
     def params(r):
-        return SamplingParams(alpha=r["alpha"] if per_request_alpha else None, max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True)
+        return SamplingParams(alpha=r.alpha if per_request_alpha else None, max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
 
-    llm.generate([r["prompt_ids"] for r in requests[:2]], [params(r) for r in requests[:2]])  # warm-up
+    llm.generate([r.prompt_ids for r in requests[:2]], [params(r) for r in requests[:2]])  # warm-up
     start = time.perf_counter()
-    outs = llm.generate([r["prompt_ids"] for r in requests], [params(r) for r in requests])
+    outs = llm.generate([r.prompt_ids for r in requests], [params(r) for r in requests])
     elapsed = time.perf_counter() - start
-    assert [len(o.token_ids) for o in outs] == [r["max_tokens"] for r in requests]
+    assert [len(o.token_ids) for o in outs] == [r.max_tokens for r in requests]
     return elapsed
 
 
@@ -115,7 +97,7 @@ def main() -> None:
     corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
     tokenizer = AutoTokenizer.from_pretrained(pair.aligned_dir)
     requests = make_workload(tokenizer, args.requests, args.seed, corpus)
-    useful = sum(r["max_tokens"] for r in requests)
+    useful = sum(r.max_tokens for r in requests)
     repeats = 1 if args.quick else args.repeats
 
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))

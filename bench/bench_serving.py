@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import re
 import statistics
 import subprocess
@@ -38,17 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-ARMS = (0.0, 0.3, 1.0)
+from workload import ARMS, Request, make_workload  # noqa: E402
+
 BANNER = re.compile(r"expo-serve: serving \S+ at (http://\S+)")
-
-
-@dataclass
-class Request:
-    messages: list[dict]
-    prompt_ids: list[int]
-    max_tokens: int
-    alpha: float
 
 
 @dataclass
@@ -57,24 +50,6 @@ class Sample:
     ttft: float = 0.0
     gaps: list[float] = field(default_factory=list)  # per token
     tokens: int = 0
-
-
-def make_workload(tokenizer, n: int, seed: int, corpus: list[str]) -> list[Request]:
-    """Chat prompts of 63–231 tokens (sentences drawn from the corpus), max_tokens 16–128, α per arm."""
-    rng = random.Random(seed)
-    requests = []
-    for _ in range(n):
-        target = rng.randint(63, 231)
-        words: list[str] = []
-        while True:
-            words.append(rng.choice(corpus))
-            messages = [{"role": "user", "content": "Summarize this: " + " ".join(words)}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) >= target:
-                break
-        requests.append(Request(messages, ids, rng.randint(16, 128), rng.choice(ARMS)))
-    return requests
 
 
 async def run_clients(requests: list[Request], concurrency: int, one) -> tuple[float, list[Sample]]:

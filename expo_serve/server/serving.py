@@ -98,15 +98,7 @@ class ServingContext:
                 for i, (p, a) in enumerate(positions)]
         served = Served(request_id, int(time.time()), Generation(self.engine, jobs), choices, params.n, expo, ticket,
                         self.policy)
-        try:
-            started = served.generation.start()
-            await (unless_disconnected(http, started) if http is not None else started)
-        except ClientDisconnected:
-            served.finish(aborted=True)
-            raise
-        except BaseException:
-            served.finish(aborted=False, failed=True)
-            raise
+        await served.guarded(http, served.generation.start())
         return served
 
 
@@ -137,17 +129,21 @@ class Served:
     async def collect(self, http: Request | None) -> list[RequestOutput]:
         """Every job's final output, in job order. With `http`, raises ClientDisconnected if the
         client goes away first, once everything unfinished has been aborted."""
+        finals = await self.guarded(http, self.generation.run())
+        self.finish(aborted=False)
+        return finals
+
+    async def guarded(self, http: Request | None, work):
+        """Await `work` (racing the client's disconnect when `http` is given); on a disconnect or
+        any failure, abort what is unfinished and report the outcome before re-raising."""
         try:
-            run = self.generation.run()
-            finals = await (unless_disconnected(http, run) if http is not None else run)
+            return await (unless_disconnected(http, work) if http is not None else work)
         except ClientDisconnected:
             self.finish(aborted=True)
             raise
         except BaseException:
             self.finish(aborted=False, failed=True)
             raise
-        self.finish(aborted=False)
-        return finals
 
     def alpha_of(self, index: int) -> float:
         return self.generation.jobs[index // self.n].choice.alpha
