@@ -12,6 +12,17 @@ Useful tokens/s = tokens the requests asked for / wall time. Warm-up runs are ex
 
     python bench/bench_engine.py                       # the demo pair (prepared if needed)
     python bench/bench_engine.py --requests 8 --quick  # a smoke run
+
+GPU mode (issue 9), on a random pair of a real shape made on the device (bench/gpu/random_pair.py):
+
+    python bench/bench_engine.py --random mistral-7b --device cuda --dtype bfloat16 --rows-out rows.jsonl
+    python bench/bench_engine.py --random tiny --device cpu --dtype float32      # the same steps, tiny
+
+For the merged model (a plain checkpoint: every Δ zero) and θ_sft + Δ in each encoding, with CUDA
+graphs on (and, for merged and bit, off): batch-1 decode tokens/s and the GB/s of weights it
+reads (W + encoded Δ of every linear layer, per token), and throughput with --concurrent requests
+at once, α mixed over three arms. One JSON row per configuration goes to --rows-out as soon as
+it is measured, so a run cut short keeps what it finished.
 """
 from __future__ import annotations
 
@@ -73,6 +84,140 @@ def run_engine(requests, concurrency: int, per_request_alpha: bool, **llm_args) 
     return elapsed
 
 
+# -- GPU mode: a random pair of a real shape ------------------------------------------------------------
+RANDOM_CONFIGS = [  # (Δ encoding or "merged", CUDA graphs): the goals' rows first, so a cut run keeps them
+    ("merged", True), ("bit", True), ("int4", True), ("lowrank", True), ("int8", True), ("dense", True),
+    ("merged", False), ("bit", False),
+]
+
+
+def bytes_per_decode_token(model) -> int:
+    """Bytes every decode step must read: W, bias and encoded Δ of every linear layer (lm_head
+    included; the embedding reads one row, and norms are noise)."""
+    from expo_serve.model.layers import ExpoLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, ExpoLinear):
+            total += module.weight.numel() * module.weight.element_size() + module.delta.nbytes
+            total += 0 if module.bias is None else 2 * module.bias.numel() * module.bias.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (the practical ceiling)."""
+    size = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_random_config(sft, aligned, encoding: str, graphs: bool, args, requests) -> dict:
+    """Load one configuration, then time batch-1 decode and the concurrent workload."""
+    from expo_serve import SamplingParams
+    from expo_serve.engine.llm_engine import EngineConfig, LLMEngine
+    from expo_serve.model.loader import load_model
+
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    if encoding == "merged":
+        loaded = load_model(sft, dtype=args.dtype, device=device)
+    else:
+        loaded = load_model(sft, aligned=aligned, aligned_encoding=encoding, dtype=args.dtype, device=device)
+    sync(device)
+    load_s = time.perf_counter() - started
+    config = EngineConfig(sft=sft.spec, dtype=args.dtype, device=args.device, max_num_seqs=args.concurrent,
+                          max_model_len=args.max_model_len, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+                          enforce_eager=not graphs)
+    engine = LLMEngine(config, loaded=loaded)
+    setup_s = time.perf_counter() - started
+    per_request_alpha = encoding != "merged"
+
+    def run(batch: list, alphas: list, max_tokens: int):
+        ids = [engine.add_request(list(p), SamplingParams(alpha=a if per_request_alpha else None, max_tokens=max_tokens,
+                                                           temperature=0.0, ignore_eos=True))
+               for p, a in zip(batch, alphas)]
+        start = time.perf_counter()
+        done = engine.run_to_completion(ids)
+        sync(device)
+        return time.perf_counter() - start, [done[i] for i in ids]
+
+    with torch.inference_mode():
+        run(requests[:2], [0.3, 1.0], 4)  # warm-up: compiles and autotunes outside the timings
+        _, (one,) = run(requests[:1], [0.3], args.decode_tokens)
+        m = one.metrics
+        decode_tok_s = (args.decode_tokens - 1) / (m.finished_time - m.first_token_time)
+        run(requests[:args.concurrent], [ARMS[i % 3] for i in range(args.concurrent)], 4)  # warm the large buckets
+        wall, outs = run(requests[:args.concurrent], [ARMS[i % 3] for i in range(args.concurrent)], args.max_tokens)
+    assert all(len(o.token_ids) == args.max_tokens for o in outs)
+    moved = bytes_per_decode_token(loaded.model)
+    row = {"config": encoding, "cuda_graphs": graphs and device.type == "cuda", "load_s": round(load_s, 2),
+           "setup_s": round(setup_s, 2), "decode_tok_s": decode_tok_s, "decode_bytes_per_token": moved,
+           "decode_gb_s": moved * decode_tok_s / 1e9, "concurrent": args.concurrent,
+           "concurrent_tok_s": args.concurrent * args.max_tokens / wall}
+    del engine, loaded, outs, one
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main_random(args) -> None:
+    import random
+
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    from random_pair import make_pair
+
+    device = torch.device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    sft, aligned = make_pair(args.random, device, dtype)
+    vocab = sft.config.vocab_size
+    rng = random.Random(args.seed)
+    requests = [[rng.randrange(4, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.concurrent)]
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"{name}; {args.random} random pair, {args.dtype}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    wanted = set(args.encodings.split(",")) | {"merged"}
+    rows = []
+    for encoding, graphs in RANDOM_CONFIGS:
+        if encoding not in wanted or (not graphs and device.type != "cuda"):
+            continue  # CUDA graphs exist only on CUDA: off is the only mode elsewhere
+        row = measure_random_config(sft, aligned, encoding, graphs, args, requests)
+        row.update(device=name, shape=args.random, dtype=args.dtype, copy_gb_s=bandwidth / 1e9,
+                   decode_share_of_bw=row["decode_gb_s"] * 1e9 / bandwidth)
+        rows.append(row)
+        print(f"{encoding:8s} graphs {'on ' if row['cuda_graphs'] else 'off'}  batch-1 {row['decode_tok_s']:8.1f} tok/s "
+              f"{row['decode_gb_s']:7.0f} GB/s  {args.concurrent} concurrent {row['concurrent_tok_s']:9.1f} tok/s  "
+              f"(set-up {row['setup_s']:.0f} s)", file=sys.stderr, flush=True)
+        if args.rows_out:
+            with open(args.rows_out, "a") as out:
+                out.write(json.dumps(row) + "\n")
+    merged = {r["cuda_graphs"]: r for r in rows if r["config"] == "merged"}
+    print(f"| Δ | CUDA graphs | batch-1 tok/s | GB/s | of BW | × merged | {args.concurrent} concurrent tok/s | × merged |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        base = merged.get(r["cuda_graphs"])
+        ratio = lambda key: f"{r[key] / base[key]:.2f}" if base else "–"  # noqa: E731
+        print(f"| {r['config']} | {'on' if r['cuda_graphs'] else 'off'} | {r['decode_tok_s']:.1f} | {r['decode_gb_s']:.0f} | "
+              f"{100 * r['decode_share_of_bw']:.0f}% | {ratio('decode_tok_s')} | {r['concurrent_tok_s']:.0f} | "
+              f"{ratio('concurrent_tok_s')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
@@ -82,8 +227,21 @@ def main() -> None:
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--quick", action="store_true", help="one repeat, no HF baseline (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    random_mode = parser.add_argument_group("GPU mode: a random pair of a real shape")
+    random_mode.add_argument("--random", choices=("mistral-7b", "tiny"), help="run on a random pair of this shape")
+    random_mode.add_argument("--device", default="cuda")
+    random_mode.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    random_mode.add_argument("--concurrent", type=int, default=64, help="requests at once in the throughput run")
+    random_mode.add_argument("--prompt-tokens", type=int, default=128)
+    random_mode.add_argument("--max-tokens", type=int, default=128, help="tokens per request in the throughput run")
+    random_mode.add_argument("--decode-tokens", type=int, default=128, help="tokens of the batch-1 decode run")
+    random_mode.add_argument("--max-model-len", type=int, default=1024)
+    random_mode.add_argument("--kv-cache-gib", type=float, default=4.0)
+    random_mode.add_argument("--rows-out", type=Path, help="append one JSON row per configuration here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.random:
+        return main_random(args)
 
     from transformers import AutoTokenizer
 

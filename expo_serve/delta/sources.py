@@ -250,8 +250,11 @@ class GGUFSource(ModelSource):
         self.load_tokenizer().save_pretrained(folder)
 
 
-def open_source(spec: str | os.PathLike) -> ModelSource:
-    """A model from a local folder, a .gguf file, or (network permitting) a hub id."""
+def open_source(spec: "str | os.PathLike | ModelSource") -> ModelSource:
+    """A model from a local folder, a .gguf file, or (network permitting) a hub id; a source
+    already opened (an in-memory model, say) is taken as it is."""
+    if isinstance(spec, ModelSource):
+        return spec
     path = Path(spec)
     if path.suffix == ".gguf":
         return GGUFSource(path)

@@ -1,7 +1,8 @@
 """Load θ_sft and Δ into the ExPO model: both through the same per-module loaders.
 
 Δ comes from a delta folder (checked against the base's fingerprint), from an aligned
-checkpoint (Δ = θ_aligned − θ_sft computed here in float32 and kept dense), or from nowhere
+checkpoint (Δ = θ_aligned − θ_sft computed here in float32, on the target device, and kept dense
+unless another encoding is asked for), or from nowhere
 (a plain model: every Δ is zero, α changes nothing; this is how a merged checkpoint is served).
 Tokenizer, chat template and generation defaults come from the aligned model when there is one.
 """
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from expo_kernels import DenseDelta, EncodedDelta, ZeroDelta
+from expo_kernels import DEFAULT_GROUP_SIZE, DEFAULT_RANK, EncodedDelta, encode_delta
 
 from ..delta.build import verify_pair
 from ..delta.sources import FolderSource, ModelSource, open_source
@@ -38,22 +39,25 @@ class LoadedModel:
 
 
 def load_model(
-    sft: str,
+    sft: str | ModelSource,
     *,
     delta: str | None = None,
-    aligned: str | None = None,
+    aligned: str | ModelSource | None = None,
+    aligned_encoding: str = "dense",
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     max_positions: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> LoadedModel:
+    """`sft` and `aligned` are anything open_source takes (a ModelSource too). With `aligned`,
+    Δ is encoded as `aligned_encoding` (default group size and rank) once computed."""
     if delta and aligned:
         raise ExpoError("give either a delta folder or an aligned model, not both")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     base = open_source(sft)
     if base.architecture not in SUPPORTED_ARCHITECTURES:
-        raise ExpoError(f"{sft} is a {base.architecture}; expo-serve runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ExpoError(f"{base.spec} is a {base.architecture}; expo-serve runs {', '.join(SUPPORTED_ARCHITECTURES)}")
     checkpoint = aligned_source = None
     if delta:
         checkpoint = DeltaCheckpoint(delta)
@@ -64,7 +68,7 @@ def load_model(
         aligned_source = open_source(aligned)
         verify_pair(base, aligned_source)
         tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
-        encoding = "dense"
+        encoding = aligned_encoding
     else:
         tokenizer, eos = _tokenizer_and_eos_from_source(base)
         encoding = "none"
@@ -84,11 +88,12 @@ def load_model(
         if checkpoint is not None:
             module.load_delta(shard, kind, _on_device(checkpoint.load(name), device, dtype))
         elif aligned_source is not None:
-            exact = aligned_source.get(name).to(torch.float32) - tensor.to(torch.float32)
-            encoded: EncodedDelta = DenseDelta(shape=tuple(exact.shape), delta=exact) if torch.any(exact) else ZeroDelta(shape=tuple(exact.shape))
+            exact = aligned_source.get(name).to(device, torch.float32) - tensor.to(device, torch.float32)
+            chosen = aligned_encoding if torch.any(exact) else "zero"
+            encoded: EncodedDelta = encode_delta(exact, chosen, group_size=DEFAULT_GROUP_SIZE, rank=DEFAULT_RANK)
             module.load_delta(shard, kind, _on_device(encoded, device, dtype))
     if checkpoint is not None:
-        checkpoint.check_base(fingerprint.hexdigest(), sft)
+        checkpoint.check_base(fingerprint.hexdigest(), base.spec)
     for module in model.modules():
         if hasattr(module, "finalize"):
             module.finalize()
@@ -96,7 +101,8 @@ def load_model(
         progress(len(names), len(names), "done")
     model.eval()
     return LoadedModel(model, config, tokenizer, eos, encoding, dtype, device,
-                       {"sft": sft, "delta": delta, "aligned": aligned, "fingerprint": fingerprint.hexdigest()})
+                       {"sft": base.spec, "delta": delta, "aligned": aligned_source.spec if aligned_source else None,
+                        "fingerprint": fingerprint.hexdigest()})
 
 
 def _on_device(delta: EncodedDelta, device: torch.device, dtype: torch.dtype) -> EncodedDelta:

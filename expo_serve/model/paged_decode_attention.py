@@ -12,9 +12,16 @@ context_lens [B] (the query is the last of them); out [B, H, D].
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from expo_kernels.triton_compat import fix_interpreter_index
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fix_interpreter_index()  # Triton 3.6's interpreter vs NumPy >= 2.4, see expo_kernels.triton_compat
 
 
 @triton.jit

@@ -18,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_compat import fix_interpreter_index
+
 # @triton.jit decides between compiling and interpreting when a kernel is defined, that is when
 # this module and the kernel modules are imported, so this is read once, at the same moment.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:
+    fix_interpreter_index()  # Triton 3.6's interpreter vs NumPy >= 2.4, see triton_compat
 
 # Stored encodings the kernels decode (zero never reaches a kernel: it is a plain linear).
 KERNEL_ENCODINGS = ("dense", "int8", "int4", "bit", "lowrank")
