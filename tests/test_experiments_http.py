@@ -100,8 +100,8 @@ def app_client(tmp_path):
 
 
 @pytest.mark.parametrize("method,path,payload,headers,status,code,param", [
-    ("post", "/v1/experiments", {**SWEEP, "unit": "nope"}, ADMIN, 400, "invalid_experiment", "unit"),
-    ("post", "/v1/experiments", {**SWEEP, "arms": []}, ADMIN, 400, "invalid_experiment", "arms"),
+    ("post", "/v1/experiments", {**SWEEP, "unit": "nope"}, ADMIN, 400, "invalid_value", "unit"),
+    ("post", "/v1/experiments", {**SWEEP, "arms": []}, ADMIN, 400, "invalid_value", "arms"),
     ("post", "/v1/experiments", SWEEP, {"X-Admin-Key": "wrong"}, 401, "invalid_admin_key", None),
     ("post", "/v1/experiments", SWEEP, {"Authorization": "Bearer wrong"}, 401, "invalid_admin_key", None),
     ("get", "/v1/experiments/nope", None, {}, 404, "experiment_not_found", "experiment"),

@@ -255,7 +255,7 @@ def test_a_request_cancelled_before_the_engine_takes_it_leaves_the_engine_servin
 
     def gated_step():  # holds the engine inside a step while the test queues and cancels
         in_step.set()
-        go_on.wait(10)
+        go_on.wait(120)  # a bound on a failure only
         return step()
 
     monkeypatch.setattr(engine.engine, "step", gated_step)
@@ -267,20 +267,25 @@ def test_a_request_cancelled_before_the_engine_takes_it_leaves_the_engine_servin
         await busy.__anext__()
         go_on.clear()
         in_step.clear()
-        await asyncio.to_thread(in_step.wait, 10)  # the engine is held inside its next step
+        await asyncio.to_thread(in_step.wait, 120)  # the engine is held inside its next step
         waiting = asyncio.create_task(engine.generate("Paris", SamplingParams(max_tokens=5, **greedy)).__anext__())
-        await asyncio.sleep(0.01)  # its request is queued, not yet taken
+        await _until(lambda: engine._commands.qsize() > 0)  # its request is queued, not yet taken
         waiting.cancel()
-        await asyncio.sleep(0.01)
+        await asyncio.gather(waiting, return_exceptions=True)  # cancelled while it waits for the engine
+        assert engine._commands.qsize() > 0 and in_step.is_set()  # ...which has not taken it yet
         go_on.set()
         await busy.aclose()
         return [out async for out in engine.generate("Hello", SamplingParams(max_tokens=3, **greedy))]
 
-    outs = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    outs = asyncio.run(asyncio.wait_for(scenario(), timeout=300))
     monkeypatch.undo()
     assert outs[-1].finished and len(outs[-1].token_ids) == 3
-    for _ in range(50):
-        if engine.stats().num_running == 0:
-            break
-        time.sleep(0.05)
-    assert engine.stats().num_running == 0 and engine.engine.requests == {}
+    asyncio.run(_until(lambda: engine.stats().num_running == 0 and engine.engine.requests == {}))
+
+
+async def _until(condition, timeout: float = 60.0) -> None:
+    """Poll until `condition()` holds; the timeout only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true"
+        await asyncio.sleep(0.005)

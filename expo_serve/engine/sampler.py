@@ -10,6 +10,8 @@ import torch
 from .outputs import TokenLogprob
 from .sequence import Sequence
 
+MIN_TEMPERATURE = 1e-2
+
 
 def top_logprobs(log_probs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
     """Per row: the chosen token's logprob and the k best alternatives."""
@@ -45,7 +47,11 @@ def _suppress_stops(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, seq: Sequence) -> int:
     p = seq.params
-    scaled = logits / p.temperature
+    # Hostile but valid values must not make the draw fail. A temperature below MIN_TEMPERATURE
+    # is used as that (as vLLM does: logits / T would overflow, and T may round to 0 in float32);
+    # a tiny repetition penalty still yields +inf, which softmax turns into NaN, so +inf becomes
+    # the largest float: the token stays the certain choice.
+    scaled = torch.nan_to_num(logits / max(p.temperature, MIN_TEMPERATURE), posinf=torch.finfo(logits.dtype).max)
     if p.top_k > 0 and p.top_k < scaled.shape[0]:
         kth = scaled.topk(p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -55,7 +61,9 @@ def _draw(logits: torch.Tensor, seq: Sequence) -> int:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly above each token
-        sorted_probs = sorted_probs.masked_fill(before >= p.top_p * sorted_probs.sum(), 0.0)
+        drop = before >= p.top_p * sorted_probs.sum()
+        drop[0] = False  # the likeliest token always stays (a tiny top_p may round to 0)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=seq.generator).item())
 

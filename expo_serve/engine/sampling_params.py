@@ -19,7 +19,8 @@ class InvalidRequest(ValueError):
 @dataclass
 class SamplingParams:
     alpha: float | None = None  # None: the engine's default α
-    max_tokens: int | None = 16  # None: up to the context window
+    max_tokens: int | None = 16  # None: up to the context window, at most default_max_tokens
+    default_max_tokens: int | None = None  # a server's cap on requests that give no max_tokens (None: none)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -56,8 +57,9 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=-1)
         _check_int("min_tokens", self.min_tokens, low=0)
         _check_int("n", self.n, low=1, high=128)
-        if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=0)
+        for name in ("max_tokens", "default_max_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=0)
         if self.seed is not None:
             _check_int("seed", self.seed, low=-(2**63), high=2**64 - 1)
         for name in ("logprobs", "prompt_logprobs"):

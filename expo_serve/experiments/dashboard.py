@@ -3,6 +3,9 @@
 Panels: arms and counts with an SRM badge and the decision; a forest plot per metric and one of
 the lift against control; cumulative means, P(best) and bandit weights over time; the metric
 against α (dose–response); the battle heatmap with Bradley–Terry strengths.
+
+In the server, with --api-key, the page and its panels need the key like every other route (its
+static files do not): server/auth.py checks it, from the header or the sign-in form's cookie.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The one error type of the experiments subsystem, shaped for OpenAI's error envelope."""
 from __future__ import annotations
 
+from ..api_common import envelope, error_type, quote
 from ..errors import ExpoError
 
 
@@ -20,18 +21,12 @@ class ExperimentError(ExpoError):
 
     @property
     def type(self) -> str:
-        if self.status == 401:
-            return "authentication_error"
-        if self.status == 403:
-            return "permission_error"
-        if self.status >= 500:
-            return "server_error"
-        return "invalid_request_error"
+        return error_type(self.status)
 
     def envelope(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return envelope(self.message, self.type, self.param, self.code)
 
 
 def not_found(what: str, ident: str, param: str | None = None) -> ExperimentError:
-    return ExperimentError(f"No {what} named {ident!r}.", status=404,
+    return ExperimentError(f"No {what} named {quote(ident)}.", status=404,
                            code=f"{what.replace(' ', '_')}_not_found", param=param)

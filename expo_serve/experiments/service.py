@@ -327,8 +327,10 @@ class ExperimentService:
             value = int(value)
         if not _is_number(value):
             raise ExperimentError("`value` must be a finite number (thumbs: 0 or 1).", param="value", code="invalid_value")
-        if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT):
-            raise ExperimentError(f"`comment` must be a string of at most {MAX_COMMENT} characters.",
+        if comment is not None and not isinstance(comment, str):
+            raise ExperimentError("`comment` must be a string.", param="comment", code="invalid_value")
+        if comment is not None and len(comment) > MAX_COMMENT:
+            raise ExperimentError(f"`comment` must be at most {MAX_COMMENT} characters.",
                                   param="comment", code="invalid_value")
         value = float(value)
 

@@ -13,6 +13,15 @@ from .errors import APIError, invalid
 RETRY_AFTER_S = 1
 
 
+def shutting_down(close: bool = False, cut: bool = False) -> APIError:
+    """The 503 of a draining server (with `close`, the connection closes after it: the client's
+    next request goes to a fresh connection, on another replica behind a balancer)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} | ({"Connection": "close"} if close else {})
+    message = ("The server reached its shutdown deadline before this request finished; retry on another replica "
+               "or later." if cut else "The server is shutting down; retry on another replica or later.")
+    return APIError(503, message, code="server_shutting_down", headers=headers)
+
+
 class AdmissionGate:
     def __init__(self, max_running: int, max_queue: int):
         self.capacity = max_running + max_queue
@@ -30,8 +39,7 @@ class AdmissionGate:
 
     def admit(self, sequences: int) -> "Ticket":
         if self.closed:
-            raise APIError(503, "The server is shutting down; retry on another replica or later.",
-                           code="server_shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise shutting_down()
         if self.in_flight + sequences > self.capacity:
             raise APIError(503, f"The server is at capacity ({self.in_flight} sequences in flight, at most "
                                 f"{self.capacity}); retry after {RETRY_AFTER_S} s.",

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..api_common import quote
 from .errors import APIError, invalid
 from .protocol import Expo
 
@@ -99,7 +100,7 @@ class AlphaPolicy:
             return [AlphaChoice(self.check(value)) for value in values]
         if self.experiments is None:
             if experiment is not None:
-                raise APIError(404, f"No experiment named {experiment!r}: this server runs no experiments.",
+                raise APIError(404, f"No experiment named {quote(experiment)}: this server runs no experiments.",
                                param="experiment", code="experiment_not_found")
             return [AlphaChoice(self.default)]
         assignment = await self.experiments.assign(experiment, unit_id, request_id)

@@ -1,13 +1,18 @@
 """create_app: the OpenAI-compatible FastAPI app on a running AsyncEngine.
 
 With `shutdown_engine`, the app stops the engine once uvicorn has drained its requests (the
-runner's case: uvicorn ends a process stopped by SIGTERM right after the app's shutdown).
+runner's case). `app.state.drain` (drain.Drain) is how a shutdown drains: the runner begins it on
+SIGTERM or SIGINT and stops uvicorn once it is over.
+
+Middleware, outermost first: the drain (503 to new requests while draining), the API key (checked
+before the body is read, on every path auth.is_open does not name), the body limit (before any
+parsing), then the routes.
 
 Experiments (A/B tests of α) plug in through `experiments` (alpha.Experiments, started and closed
 with the app; None: a request that names no α gets the default one). Their routes and error
 handler are added to the returned app (`app.include_router`, `app.add_exception_handler`): the API
-key covers every /v1 path, added before or after; battle.pair_generator(app.state.serving) is the
-generator their pairwise battles need.
+key covers every path but the open ones (auth.OPEN), added before or after;
+battle.pair_generator(app.state.serving) is the generator their pairwise battles need.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from ..engine.async_engine import AsyncEngine
 from .admission import AdmissionGate
 from .alpha import AlphaPolicy, Experiments
 from .auth import ApiKeyMiddleware
+from .drain import Drain, DrainMiddleware
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
+from .protocol import SERVER_BOUND
 from .routes import router
 from .serving import ServingContext
 from .settings import ServerSettings
@@ -42,6 +49,7 @@ def create_app(settings: ServerSettings, engine: AsyncEngine, *, experiments: Ex
         gate=AdmissionGate(settings.max_num_seqs, settings.max_queue),
         metrics=ServerMetrics(engine.stats, name),
         stream_grace_s=settings.shutdown_timeout,
+        max_tokens_default=settings.max_tokens_default,
     )
 
     @asynccontextmanager
@@ -59,19 +67,33 @@ def create_app(settings: ServerSettings, engine: AsyncEngine, *, experiments: Ex
     app = FastAPI(title="expo-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.serving = ctx
     app.state.settings = settings
+    app.state.drain = drain = Drain(ctx.gate, settings.shutdown_timeout)
     install_error_handlers(app)
     app.include_router(router)
     # The last one added runs first: the key is checked before a large body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    _document_400_not_422(app)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key,
+                           metrics_require_key=settings.metrics_require_key)
+    app.add_middleware(DrainMiddleware, drain=drain)
+    _document(app, {"token_id": {"maximum": ctx.vocab_size - 1},
+                     "alpha": {"minimum": settings.alpha_min, "maximum": settings.alpha_max}})
     return app
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """FastAPI documents a 422 for every body; this server answers those errors with 400."""
+def _document(app: FastAPI, bounds: dict[str, dict]) -> None:
+    """/openapi.json as this server answers: no 422 (FastAPI documents one for every body; these
+    errors are 400 here), and the bounds only the running server knows (protocol.SERVER_BOUND)."""
     generate = app.openapi
+
+    def fill(node) -> None:
+        if isinstance(node, dict):
+            node.update(bounds.get(node.pop(SERVER_BOUND, None), {}))
+            for value in node.values():
+                fill(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill(value)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -79,6 +101,7 @@ def _document_400_not_422(app: FastAPI) -> None:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+            fill(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -21,7 +21,8 @@ def pair_generator(ctx: ServingContext) -> GeneratePair:
                             temperature: float | None = None) -> list[str]:
         """One text per α, in the order given; sampled like a chat request with these options."""
         prompt = await run_in_threadpool(render_chat, ctx.tokenizer, [ChatMessage.model_validate(m) for m in messages])
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature)
+        params = SamplingParams(max_tokens=max_tokens, default_max_tokens=ctx.max_tokens_default,
+                                temperature=1.0 if temperature is None else temperature)
         choices = [AlphaChoice(ctx.policy.check(float(alpha))) for alpha in alphas]
         ticket = ctx.admit(len(choices))
         served = await ctx.launch(f"battle-{uuid.uuid4().hex}", [prompt], params, choices, ticket,

@@ -26,9 +26,10 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise invalid("Only the 'text' response format is supported.", param="response_format",
                       code="unsupported_parameter")
-    # max_completion_tokens is the newer name; None lets the answer run to the context window.
+    # max_completion_tokens is the newer name; with neither, the server's default applies.
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    params = sampling_params(body, max_tokens=max_tokens, default_max_tokens=ctx.max_tokens_default,
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     prompt = await run_in_threadpool(render_chat, ctx.tokenizer, body.messages)
     served = await ctx.begin(http, body, [prompt], params, "chatcmpl")
     if body.stream:

@@ -35,7 +35,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, http: 
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("'best_of' must equal 'n' on this server.", param="best_of", code="unsupported_parameter")
     echo_logprobs = body.logprobs if body.echo else None
-    params = sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
+    params = sampling_params(body, max_tokens=body.max_tokens, default_max_tokens=ctx.max_tokens_default,
+                             logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
     served = await ctx.begin(http, body, prompt_list(body.prompt), params, "cmpl")
     shape = _Shape(ctx, body, served)
     if body.stream:

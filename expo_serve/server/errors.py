@@ -2,28 +2,25 @@
 
 One set of handlers covers them all: FastAPI's validation errors (400 here, never 422), the
 engine's InvalidRequest, HTTP errors (unknown routes, wrong methods), the server's own APIError,
-and anything unexpected (500, logged with its traceback).
+and anything unexpected: a 500 whose traceback goes to the log, answered without closing the
+connection (uvicorn closes a keep-alive connection when an exception reaches it).
 """
 from __future__ import annotations
 
-import re
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..api_common import describe, envelope, error_type, unparsable_body
 from ..engine.sampling_params import InvalidRequest
 from .disconnect import ClientDisconnected
 
-_TYPES = {401: "authentication_error", 403: "permission_error",
-          429: "rate_limit_error"}
-
-
-def error_type(status: int) -> str:
-    if status >= 500:
-        return "server_error"
-    return _TYPES.get(status, "invalid_request_error")
+log = logging.getLogger("expo_serve.server")
 
 
 class APIError(Exception):
@@ -46,10 +43,6 @@ class APIError(Exception):
         return JSONResponse(self.envelope(), status_code=self.status, headers=self.headers)
 
 
-def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -63,51 +56,64 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, RequestValidationError):
-        return _from_validation(exc)
+        message, param, code = describe(exc.errors()[0])
+        return invalid(message, param, code)
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            message, code = unparsable_body(exc)
+            return invalid(message, code=code)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
     return APIError(500, "The server failed while handling the request; it has been logged.", code="internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    # An unexpected exception is logged with its traceback by the ASGI server: Starlette re-raises
-    # it once this handler has produced the 500.
-    async def handle(_request: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc).response()
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        error = from_exception(exc)
+        if error.status == 405:
+            error.headers = {**(error.headers or {}), "Allow": _allowed_methods(request)}
+        return error.response()
 
-    for kind in (APIError, ClientDisconnected, InvalidRequest, RequestValidationError, StarletteHTTPException, Exception):
+    # `Exception` goes to Starlette's outermost ServerErrorMiddleware (it answers, then re-raises),
+    # which sees only failures in the middleware outside _Unexpected.
+    for kind in (APIError, ClientDisconnected, InvalidRequest, RequestValidationError, StarletteHTTPException,
+                 Exception):
         app.add_exception_handler(kind, handle)
+    app.add_middleware(_Unexpected)
 
 
-# -- validation errors -----------------------------------------------------------------------------
-# pydantic names the member of a union it tried ("str", "list[int]", "function-after[…]") inside an
-# error's location; those are not fields, so `param` leaves them out.
-_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*)$|[\[\]-]")
+def _allowed_methods(request: Request) -> str:
+    """Every method some route at this path answers. Starlette's 405 names only the first route's
+    (`Allow: GET` for /v1/experiments, whose POST is another route), so each method is tried."""
+    routes = request.app.router.routes
+    allowed = [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+    return ", ".join(allowed)
 
 
-def _from_validation(exc: RequestValidationError) -> APIError:
-    error = exc.errors()[0]
-    loc = list(error.get("loc", ()))
-    if error.get("type") == "json_invalid":
-        detail = (error.get("ctx") or {}).get("error", "invalid JSON")
-        return invalid(f"The request body is not valid JSON ({detail}).", code="invalid_json")
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    param = _param_path(loc)
-    if error.get("type") == "missing":
-        return invalid(f"'{param}' is required.", param=param, code="missing_field")
-    if not param:
-        return invalid(f"The request body is invalid: {error.get('msg', 'not a JSON object')}.", code="invalid_body")
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return invalid(f"Invalid value for '{param}': {message}.", param=param, code="invalid_value")
+class _Unexpected:
+    """Any other exception: logged with its traceback and answered with the 500 envelope. Not
+    re-raised (Starlette's ServerErrorMiddleware would, and uvicorn then closes the connection),
+    unless the response had already begun: then closing the connection is the only signal left."""
 
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
-def _param_path(loc: list) -> str | None:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not _UNION_TAG.search(str(part)):
-            path += f".{part}" if path else str(part)
-    return path or None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("%s %r failed", scope.get("method"), scope.get("path"))
+            await from_exception(exc).response()(scope, receive, send)

@@ -23,8 +23,8 @@ def mount_experiments(app: FastAPI, service, settings: ServerSettings) -> None:
     """Add the experiment, feedback and battle routes and the dashboard to an app made by
     create_app(..., experiments=service)."""
     from ..experiments import ExperimentError, create_dashboard_router, create_experiments_router
-    from ..experiments.api import experiment_error_handler
+    from ..experiments.api import errors, experiment_error_handler
 
     app.add_exception_handler(ExperimentError, experiment_error_handler)
     app.include_router(create_experiments_router(service, settings.admin_key, pair_generator(app.state.serving)))
-    app.include_router(create_dashboard_router(service))
+    app.include_router(create_dashboard_router(service), responses=errors(404))  # unknown experiment or file

@@ -2,24 +2,29 @@
 
 Requests are permissive about what they do not know (unknown fields are ignored, `model` may be
 left out) and strict about what they do: numbers are JSON numbers (not strings, not booleans, not
-NaN or Infinity), flags are JSON booleans. Ranges are checked by the engine's SamplingParams, so
-they live in one place.
+NaN or Infinity), flags are JSON booleans, and every string is valid UTF-8 (api_common.RequestBody).
+Ranges are OpenAI's (vLLM's for its extra fields) and stated here, so that /openapi.json says them;
+what only the running engine knows (the vocabulary, the α range, the prompt's length) it checks
+itself, and app.py writes the first two into the schema.
 """
 from __future__ import annotations
 
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+
+from ..api_common import ErrorInfo, ErrorResponse, Flag, Integer, Number, RequestBody, quote  # noqa: F401 - shared
 
 MAX_ALPHAS = 8  # an α sweep: one choice per α, all in one batch
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 
-Number = Annotated[float, Strict(), AllowInfNan(False)]
-Integer = Annotated[int, Strict()]
-Flag = Annotated[bool, Strict()]
+# Bounds only the running server knows; app.py fills them into /openapi.json.
+SERVER_BOUND = "x-server-bound"
+TokenId = Annotated[Integer, Field(ge=0, json_schema_extra={SERVER_BOUND: "token_id"})]
+AlphaNumber = Annotated[float, Field(json_schema_extra={SERVER_BOUND: "alpha"})]
 
 
 def _alpha(value: Any) -> float | list[float] | None:
@@ -43,7 +48,26 @@ def _alpha(value: Any) -> float | list[float] | None:
     return number(value)
 
 
-AlphaValue = Annotated[float | list[float] | None, BeforeValidator(_alpha)]
+AlphaValue = Annotated[AlphaNumber | Annotated[list[AlphaNumber], Field(min_length=1, max_length=MAX_ALPHAS)] | None,
+                      BeforeValidator(_alpha)]
+
+
+def _stop(value: Any) -> Any:
+    """A string or up to 4 strings, said in those words (a union's first error would be "not a string")."""
+    strings = [value] if isinstance(value, str) else value
+    if value is None or (isinstance(strings, list) and len(strings) <= MAX_STOP
+                         and all(isinstance(s, str) for s in strings)):
+        return value
+    raise PydanticCustomError("stop", "must be a string or a list of at most {most} strings", {"most": MAX_STOP})
+
+
+Stop = Annotated[str | Annotated[list[str], Field(max_length=MAX_STOP)] | None, BeforeValidator(_stop)]
+
+
+def _needs(field: str, flag: str) -> dict:
+    """JSON Schema for a cross-field rule: `field`, when given (not null), needs `flag: true`."""
+    return {"if": {"properties": {field: {"not": {"type": "null"}}}, "required": [field]},
+            "then": {"properties": {flag: {"const": True}}, "required": [flag]}}
 
 
 class Permissive(BaseModel):
@@ -54,7 +78,7 @@ class StreamOptions(Permissive):
     include_usage: Flag = False
 
 
-class GenerationRequest(Permissive):
+class GenerationRequest(RequestBody):
     """What chat and completion requests share: the model, α, sampling, stops and streaming."""
 
     model: str | None = Field(None, description="the served model's id (may be omitted)")
@@ -63,19 +87,20 @@ class GenerationRequest(Permissive):
     experiment: str | None = Field(None, description="the α experiment (A/B test) to join")
     user: str | None = Field(None, description="the A/B assignment unit (or the X-ExPO-Unit header)")
     n: Integer = Field(1, ge=1, le=128)
-    max_tokens: Integer | None = Field(None, ge=0)
-    temperature: Number | None = None
-    top_p: Number | None = None
-    top_k: Integer | None = None
-    min_p: Number | None = None
-    seed: Integer | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    repetition_penalty: Number | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: list[Integer] | None = None
+    max_tokens: Integer | None = Field(None, ge=0, description="default: the server's --max-tokens-default, "
+                                                               "or what room the context window leaves")
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: Integer | None = Field(None, ge=-1, description="sample from the k likeliest tokens; -1 or 0: all (as vLLM)")
+    min_p: Number | None = Field(None, ge=0, le=1)
+    seed: Integer | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(None, gt=0)
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: Flag = False
-    min_tokens: Integer = 0
+    min_tokens: Integer = Field(0, ge=0, description="at most max_tokens")
     skip_special_tokens: Flag = True
     logit_bias: dict[str, Number] | None = None
     stream: Flag = False
@@ -83,17 +108,29 @@ class GenerationRequest(Permissive):
 
 
 class ContentPart(Permissive):
-    type: str
-    text: str | None = None
+    """Only text parts are supported."""
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "text":  # said of the part, not of its `type`
+            raise PydanticCustomError("content", "only text content is supported, got a {kind} part",
+                                      {"kind": quote(str(data.get("type")))})
+        return data
 
 
 class ChatMessage(Permissive):
     role: str = Field(min_length=1)
-    content: str | list[ContentPart] | None = None
+    # The list first: for a bad part, pydantic's first error is then about the part, not "not a string".
+    content: list[ContentPart] | str | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_needs("top_logprobs", "logprobs"),
+                                                           _needs("stream_options", "stream")]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Integer | None = Field(None, ge=0)
     logprobs: Flag = False
@@ -102,29 +139,35 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[dict[str, Any]] | None = None
 
 
-TokenIds = list[Integer]
+TokenIds = list[TokenId]
 
 
 class CompletionRequest(GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_needs("stream_options", "stream")]})
+
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] \
         | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: Integer | None = Field(16, ge=0)
     echo: Flag = False
     logprobs: Integer | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
-    best_of: Integer | None = None
+    best_of: Integer | None = Field(None, ge=1, description="must equal n on this server")
 
 
-class TokenizeRequest(Permissive):
+class TokenizeRequest(RequestBody):
+    """Exactly one of `prompt` (text, encoded as completions encode it) or `messages` (through the chat template)."""
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: Flag = True
 
 
-class DetokenizeRequest(Permissive):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[Integer]
+    tokens: list[TokenId]
 
 
 # -- responses -----------------------------------------------------------------------------------------
@@ -262,14 +305,3 @@ class DetokenizeResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "draining"]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo

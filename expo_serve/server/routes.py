@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import chat, completions, tokenize
+from .admission import RETRY_AFTER_S
 from .protocol import (AlphaRange, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard,
                        ModelList, TokenizeRequest, TokenizeResponse)
@@ -36,19 +37,31 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return await completions.create_completion(serving(request), body, request)
 
 
+def model_card(ctx: ServingContext) -> ModelCard:
+    policy = ctx.policy
+    return ModelCard(id=ctx.model_name, created=STARTED, max_model_len=ctx.max_model_len,
+                     alpha=AlphaRange(default=policy.default, min=policy.minimum, max=policy.maximum))
+
+
 @router.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
 async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(serving(request))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """The openai client's models.retrieve: the served model's card, 404 for any other id."""
     ctx = serving(request)
-    policy = ctx.policy
-    card = ModelCard(id=ctx.model_name, created=STARTED, max_model_len=ctx.max_model_len,
-                     alpha=AlphaRange(default=policy.default, min=policy.minimum, max=policy.maximum))
-    return ModelList(data=[card])
+    ctx.check_model(model_id)
+    return model_card(ctx)
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Shutting down"}})
 async def health(request: Request) -> Response:
-    draining = serving(request).gate.closed
-    return json_response(Health(status="draining" if draining else "ok"), status_code=503 if draining else 200)
+    if serving(request).gate.closed:  # draining: a balancer sends new requests elsewhere
+        return json_response(Health(status="draining"), status_code=503,
+                             headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+    return json_response(Health(status="ok"))
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -1,23 +1,27 @@
 """Run the server: load the model into an engine, serve the app with uvicorn, drain on exit.
 
-On SIGINT or SIGTERM the server stops accepting connections, answers new requests on open
-connections with 503, lets running requests finish (up to --shutdown-timeout seconds), and then
-stops the engine.
+On SIGINT or SIGTERM the server drains (drain.Drain): it keeps listening and answers every new
+request, the health check included, with 503 and Retry-After, while running requests finish; at
+--shutdown-timeout it cuts what is left (streams end with an error event and [DONE]). Only then
+does uvicorn close its listeners and the app stop the engine, and `serve` returns 0. A second
+signal cuts at once.
 """
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
-
 import uvicorn
 
+from .drain import Drain
 from .examples import banner
 from .settings import ServerSettings
 
 DEMO_MODEL_NAME = "smollm2-135m-expo-demo"
 EXAMPLE_ALPHA = 0.3
+UVICORN_GRACE_S = 2.0
+
+log = logging.getLogger("expo_serve.server")
 
 
 def build_engine(settings: ServerSettings):
@@ -29,9 +33,10 @@ def build_engine(settings: ServerSettings):
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = settings.dtype or ("bfloat16" if device == "cuda" else "float32")
     kv_bytes = int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None
+    alpha_cache = int(settings.alpha_cache_gib * 2**30) if settings.alpha_cache_gib is not None else None
     config = EngineConfig(sft=settings.sft, delta=settings.delta, aligned=settings.aligned, dtype=dtype, device=device,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                          max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes,
+                          max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes, alpha_cache_bytes=alpha_cache,
                           alpha_default=settings.alpha_default, alpha_min=settings.alpha_min,
                           alpha_max=settings.alpha_max)
     return AsyncEngine(LLMEngine(config))
@@ -51,9 +56,10 @@ def serve(settings: ServerSettings) -> int:
     try:
         app = create_app(settings, engine, experiments=experiments, shutdown_engine=True)
         mount_experiments(app, experiments, settings)
+        # uvicorn's own graceful wait comes after the drain, which leaves it nothing to wait for.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                timeout_graceful_shutdown=settings.shutdown_timeout)
-        server = _Server(config, settings, drain=app.state.serving.gate.close)
+                                timeout_graceful_shutdown=UVICORN_GRACE_S)
+        server = _Server(config, settings, app.state.drain)
         server.run()
     finally:
         engine.shutdown(settings.shutdown_timeout)  # at once if the app already stopped it
@@ -83,13 +89,15 @@ def _url_host(host: str) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server, which also prints the examples once it listens and closes the queue as
-    soon as a shutdown begins."""
+    """uvicorn's Server, which also prints the examples once it listens, and on a signal drains
+    before it lets uvicorn shut down (uvicorn would close its listeners at once, and raise the
+    signal again at the end, so that the process would end with -15 instead of 0)."""
 
-    def __init__(self, config: uvicorn.Config, settings: ServerSettings, drain: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, settings: ServerSettings, drain: Drain):
         super().__init__(config)
         self._settings = settings
         self._drain = drain
+        self._drain_logged = False
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -100,5 +108,21 @@ class _Server(uvicorn.Server):
             print(banner(url, settings.served_model_name, _example_alpha(settings), bool(settings.api_key)), flush=True)
 
     def handle_exit(self, sig, frame) -> None:
-        self._drain()
-        super().handle_exit(sig, frame)
+        # A signal handler: only flags are set here; on_tick (on the event loop) does the rest.
+        if self._drain.deadline is None:
+            self._drain.begin()
+        else:
+            self._drain.cut_now()
+
+    async def on_tick(self, counter: int) -> bool:
+        drain = self._drain
+        if drain.deadline is not None and not self._drain_logged:
+            self._drain_logged = True
+            log.info("Draining: %d request(s) running, new ones get 503; stopping when they are done or in %g s",
+                     drain.active, drain.timeout_s)
+        if await super().on_tick(counter):
+            return True
+        if drain.poll():
+            self.should_exit = True
+            return True
+        return False

@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from ..api_common import quote
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class ServingContext:
     gate: AdmissionGate
     metrics: ServerMetrics
     stream_grace_s: float = 30.0  # how long a shutdown lets running streams finish
+    max_tokens_default: int | None = None  # output tokens of a request that gives no max_tokens
     token_text: TokenText = field(init=False)
 
     def __post_init__(self):
@@ -58,7 +60,7 @@ class ServingContext:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist: this server serves '{self.model_name}'.",
+            raise APIError(404, f"The model {quote(model)} does not exist: this server serves {self.model_name!r}.",
                            param="model", code="model_not_found")
 
     def admit(self, sequences: int) -> Ticket:

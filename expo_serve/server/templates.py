@@ -1,24 +1,19 @@
 """Chat messages -> prompt token ids, through the tokenizer's own chat template."""
 from __future__ import annotations
 
+from ..api_common import quote
 from .errors import invalid
 from .protocol import ChatMessage
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict]:
     """The messages as the template expects them: string content (text parts joined), and the
-    newer `developer` role as `system`, which templates know."""
+    newer `developer` role as `system`, which templates know. (Parts are text: protocol.ContentPart.)"""
     plain = []
-    for i, message in enumerate(messages):
+    for message in messages:
         content = message.content
         if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise invalid(f"Only text content is supported, got a '{part.type}' part.",
-                                  param=f"messages[{i}].content[{j}]", code="unsupported_content")
-                texts.append(part.text)
-            content = "\n".join(texts)
+            content = "\n".join(part.text for part in content)
         item = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
         if message.name is not None:
             item["name"] = message.name
@@ -35,6 +30,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     try:
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # noqa: BLE001 - templates raise what they like (jinja2, ValueError, TypeError …)
-        raise invalid(f"The chat template cannot format these messages: {exc}", param="messages",
+        # The template's words may hold the messages' text: quoted.
+        raise invalid(f"The chat template cannot format these messages: {quote(str(exc), 200)}", param="messages",
                       code="chat_template_error") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
