@@ -1,5 +1,6 @@
-# expo-serve on a CUDA machine. The install steps are the README's (`make install`), so CI,
-# which runs `make test` on a clean clone, exercises them.
+# expo-serve on a CUDA machine. The install is the Makefile's `install-runtime`: the package and
+# what it needs to serve, without the dev extras (pytest, playwright, lm-eval, …) that `make install`
+# adds for the tests. .dockerignore keeps local virtualenvs, caches and git out of the context.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1
@@ -13,7 +14,7 @@ COPY --chown=expo:expo . .
 USER expo
 # On a GPU machine the Makefile lets pip choose a CUDA build of torch; in a build container
 # without a driver we ask for it explicitly.
-RUN make install VENV=/opt/expo-serve/.venv TORCH_SPEC="torch>=2.4"
+RUN make install-runtime VENV=/opt/expo-serve/.venv TORCH_SPEC="torch>=2.4"
 
 ENV PATH=/opt/expo-serve/.venv/bin:$PATH EXPO_HOME=/home/expo/.cache/expo-serve
 EXPOSE 8000

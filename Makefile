@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test test-fast test-slow bench clean
+.PHONY: install install-runtime demo serve test test-fast test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+# The serving image's install (Dockerfile): the package alone, without the test and bench tools.
+install-runtime: $(VENV)/.installed-runtime
+
+$(VENV)/.installed-runtime: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet .
 	touch $@
 
 demo: install

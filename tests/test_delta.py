@@ -211,6 +211,27 @@ def test_wrong_base_is_refused_and_leaves_nothing(pairs, tmp_path):
                           "built on another base model")
 
 
+def test_wrong_base_is_refused_before_the_merge_starts(pairs, tmp_path):
+    pair = pairs("llama")
+    other_sft, _ = save_pair(tmp_path / "other", "llama", seed=7)
+    _build(pair, tmp_path / "d")
+    merged = []
+    with pytest.raises(ExpoError, match="built on another base model"):
+        merge(open_source(other_sft), DeltaCheckpoint(tmp_path / "d"), 0.3, tmp_path / "m",
+              progress=lambda i, n, name: merged.append(name))
+    assert merged == [] and not any(p.name.startswith(".m") for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_refused_before_the_pair_is_checked(pairs, tmp_path):
+    """A folder in the way is named first, even when the pair itself would be refused too."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExpoError, match="already exists"):
+        _build((pairs("llama")[0], pairs("qwen2")[1]), out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
 def test_existing_output_is_refused(pairs, tmp_path):
     pair = pairs("llama")
     out = tmp_path / "d"

@@ -217,6 +217,8 @@ def test_real_pair_is_two_float32_checkpoints_of_one_model(real_pair):
 
     for folder in (real_pair.sft_dir, real_pair.aligned_dir):
         assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+        # readable as the folder's other files are (transformers alone writes weights 0600)
+        assert (folder / "model.safetensors").stat().st_mode == (folder / "config.json").stat().st_mode
     configs = [json.loads((d / "config.json").read_text()) for d in (real_pair.sft_dir, real_pair.aligned_dir)]
     assert configs[0] == configs[1]
     assert configs[0]["vocab_size"] == 49152 and "quantization_config" not in configs[0]

@@ -346,3 +346,11 @@ def test_the_printed_examples_work_as_printed(server):
     reply, printed = run_printed_examples(server.log())
     assert reply["expo"]["alpha"] == 0.3 and reply["choices"][0]["message"]["role"] == "assistant"
     assert "'alpha': 0.3" in printed.splitlines()[-1]
+
+
+def test_models_retrieve_through_the_openai_client(client):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("another-model")
+    assert caught.value.body["code"] == "model_not_found"

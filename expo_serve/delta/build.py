@@ -15,7 +15,7 @@ import torch
 from expo_kernels import DEFAULT_GROUP_SIZE, DEFAULT_RANK, ENCODINGS, encode_delta
 
 from .. import __version__
-from ..atomic_dir import atomic_output_dir
+from ..atomic_dir import atomic_output_dir, check_output_dir
 from ..errors import ExpoError
 from .safetensors_io import ShardedWriter
 from .sources import ModelSource
@@ -86,6 +86,7 @@ def build_delta(
     if dtype is not None and dtype not in DTYPES:
         raise ExpoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     started = time.time()
+    check_output_dir(out)  # before the pair check, which reads both tokenizers and configs
     verify_pair(sft, aligned)
     names = sft.parameter_names
     fingerprint = Fingerprint()

@@ -14,12 +14,12 @@ import torch
 
 from expo_kernels import EncodedDelta
 
-from ..atomic_dir import atomic_output_dir
+from ..atomic_dir import atomic_output_dir, check_output_dir
 from ..errors import ExpoError
 from .build import DEFAULT_MAX_SHARD_BYTES, DTYPES, Progress
 from .safetensors_io import ShardedWriter
 from .sources import ModelSource
-from .store import DeltaCheckpoint, Fingerprint
+from .store import DeltaCheckpoint, fingerprint_source
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -41,9 +41,12 @@ def merge(
 ) -> Path:
     if dtype is not None and dtype not in DTYPES:
         raise ExpoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_output_dir(out)
     delta.check_layout(sft)
+    # A delta built on another base is refused before anything is written: one read of the base
+    # first (the merge reads it again, mostly from the page cache).
+    delta.check_base(fingerprint_source(sft), sft.spec)
     names = sft.parameter_names
-    fingerprint = Fingerprint()
     out_dtype = None
     with atomic_output_dir(out) as folder:
         writer = ShardedWriter(folder, "model", max_shard_bytes)
@@ -52,12 +55,9 @@ def merge(
                 if progress:
                     progress(i, len(names), name)
                 base = sft.get(name)
-                fingerprint.add(name, base)
                 target = DTYPES[dtype] if dtype else base.dtype
                 out_dtype = out_dtype or target
                 writer.add(name, expo_merge_tensor(base, delta.load(name), alpha).to(target))
-            # Checked after the pass that reads the base anyway; failing here leaves no folder.
-            delta.check_base(fingerprint.hexdigest(), sft.spec)
             weight_map = writer.close()
         except BaseException:
             writer.abort()

@@ -49,10 +49,6 @@ class ModelSource(ABC):
         ...
 
     @abstractmethod
-    def _stored_dtype(self, stored_name: str) -> torch.dtype:
-        ...
-
-    @abstractmethod
     def load_tokenizer(self):
         ...
 
@@ -108,9 +104,6 @@ class ModelSource(ABC):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._stored_shape(self._resolve(name)))
-
-    def stored_dtype(self, name: str) -> torch.dtype:
-        return self._stored_dtype(self._resolve(name))
 
     def check_complete(self) -> None:
         """Fail early, naming the first parameter the checkpoint lacks."""
@@ -175,9 +168,6 @@ class FolderSource(ModelSource):
     def _stored_shape(self, stored_name: str) -> tuple[int, ...]:
         return self._files[stored_name].shape(stored_name)
 
-    def _stored_dtype(self, stored_name: str) -> torch.dtype:
-        return self._files[stored_name].dtype(stored_name)
-
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -230,9 +220,6 @@ class GGUFSource(ModelSource):
 
     def _stored_shape(self, stored_name: str) -> tuple[int, ...]:
         return tuple(self._state[stored_name].shape)
-
-    def _stored_dtype(self, stored_name: str) -> torch.dtype:
-        return self._state[stored_name].dtype
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

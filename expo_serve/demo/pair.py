@@ -84,7 +84,7 @@ def build_aligned(sft_dir: Path, out: Path, log: Callable[[str], None] = print) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expo_serve.demo.dpo import encode_pairs, train_dpo
-    from expo_serve.demo.smollm import SOURCE_FILE, quiet_transformers
+    from expo_serve.demo.smollm import SOURCE_FILE, quiet_transformers, save_checkpoint
 
     start = time.perf_counter()
     with quiet_transformers():
@@ -96,8 +96,7 @@ def build_aligned(sft_dir: Path, out: Path, log: Callable[[str], None] = print) 
     result = train_dpo(model, encode_pairs(tokenizer, rows), RECIPE, pad_id=tokenizer.pad_token_id, log=log)
 
     with quiet_transformers():
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_checkpoint(model, tokenizer, out)
     record = {
         **_recipe(),
         "trained_from": json.loads((sft_dir / SOURCE_FILE).read_text()),

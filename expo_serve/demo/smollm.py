@@ -93,8 +93,7 @@ def convert_gguf(gguf: Path, out: Path, log: Callable[[str], None] = print) -> N
             raise RuntimeError(f"dequantized SmolLM2 still has non-float32 tensors: {bad[:3]}")
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.eos_token_id
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_checkpoint(model, tokenizer, out)
     source = {"package": PACKAGE, "file": GGUF_NAME, "gguf_sha256": _sha256(gguf), "dequantized_to": "float32"}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
 
@@ -132,3 +131,12 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def save_checkpoint(model, tokenizer, out: Path) -> None:
+    """save_pretrained, with the weight files given the mode of the folder's other files
+    (transformers writes them 0600 through a temporary file, which other users cannot read)."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for weights in Path(out).glob("*.safetensors"):
+        shutil.copymode(Path(out) / "config.json", weights)

@@ -29,6 +29,17 @@ class IncrementalDetokenizer:
             return full[len(prefix):]
         return ""
 
+    def flush(self) -> str:
+        """At the end of a sequence: the text still held back (bytes of a character that never
+        completed decode to U+FFFD, as the tokenizer's own decode gives them)."""
+        if self.read_offset == len(self.ids):
+            return ""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        full = decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
 
 def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | None:
     """The earliest stop string that the last `new_chars` characters completed: (index, stop)."""

@@ -90,6 +90,8 @@ class Sequence:
             self.finish("length")
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        if not isinstance(stop_reason, str):  # a stop string cut the text: what follows it is dropped
+            self.text += self._detokenizer.flush()
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
