@@ -18,6 +18,14 @@ where that exceeds --max-foreign of the machine's capacity are discarded (and sa
 
     python bench/bench_serving.py                        # the demo pair (prepared if needed)
     python bench/bench_serving.py --requests 8 --repeats 1   # a smoke run
+
+`--compare` (issue 12) instead runs whole servers one at a time on the same workload, EOS honoured
+(useful tokens/s = completion tokens the clients received / wall time), and reports each one's
+peak RSS: the anchor `transformers serve --continuous-batching` on the merged checkpoint at α = 0.3,
+expo-serve on that merged checkpoint, expo-serve with θ_sft + Δ (dense, int8, int4, bit) and α
+per request over three arms, and with dense Δ over eight α values (a sweep).
+
+    python bench/bench_serving.py --compare --repeats 2
 """
 from __future__ import annotations
 
@@ -133,6 +141,139 @@ def start_server(sft: str, aligned: str, args, log: Path) -> tuple[subprocess.Po
     raise SystemExit(f"the server did not start:\n{log.read_text()}")
 
 
+# -- whole servers side by side (--compare) ---------------------------------------------------------
+SWEEP = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+
+
+def chat_client(client, model: str, alphas: tuple[float, ...] | None):
+    """One streamed chat as any OpenAI-compatible server takes it (greedy, EOS honoured); the α of
+    request i is alphas[i % len(alphas)] (None: no `alpha` field)."""
+    counter = iter(range(10**9))
+
+    async def one(r: Request) -> Sample:
+        body = {"model": model, "messages": r.messages, "max_tokens": r.max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if alphas:
+            body["alpha"] = alphas[next(counter) % len(alphas)]
+        sample, sent, last, pieces = Sample(), time.perf_counter(), None, 0
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    sample.tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    now = time.perf_counter()
+                    pieces += 1
+                    if last is None:
+                        sample.ttft = now - sent
+                    else:
+                        sample.gaps.append(now - last)
+                    last = now
+        sample.tokens = sample.tokens or pieces  # a server that sends no usage: one piece a token
+        return sample
+
+    return one
+
+
+async def measure_server(server, requests, args, alphas) -> list[dict]:
+    import httpx
+
+    runs = []
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=1200, limits=limits) as client:
+        one = chat_client(client, server.model, alphas)
+        await run_clients(requests[:4], 4, one)  # warm-up
+        for _ in range(args.repeats):
+            with ForeignCpu([os.getpid(), server.process.pid]) as foreign:
+                wall, samples = await run_clients(requests, args.concurrency, one)
+            runs.append(summarize(wall, samples, foreign.seconds))
+            print(f"{server.name:<44} " + "  ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()), file=sys.stderr, flush=True)
+    return runs
+
+
+def compare_servers(args) -> None:
+    from transformers import AutoTokenizer
+
+    from expo_serve.delta.build import build_delta
+    from expo_serve.delta.merge import merge
+    from expo_serve.delta.sources import open_source
+    from expo_serve.delta.store import DeltaCheckpoint
+    from expo_serve.demo.pair import load_preferences, prepare_demo_pair
+    from servers import start_expo, start_transformers
+
+    pair = prepare_demo_pair(log=lambda m: print(m, file=sys.stderr))
+    corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
+    requests = make_workload(AutoTokenizer.from_pretrained(pair.aligned_dir), args.requests, args.seed, corpus)
+    work = Path(tempfile.mkdtemp(prefix="bench-servers-"))
+    sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
+    deltas = {}
+    for encoding in ("dense", "int8", "int4", "bit"):
+        deltas[encoding] = work / encoding
+        build_delta(sft, aligned, deltas[encoding], encoding=encoding)
+    merged = work / "merged"
+    merge(sft, DeltaCheckpoint(deltas["dense"]), 0.3, merged)
+    expo_options = ["--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len),
+                    "--kv-cache-gib", str(args.kv_cache_gib)]
+    plans = [("(a) transformers serve --continuous-batching, merged α=0.3", lambda log: start_transformers("a", merged, log), None),
+             ("(b) expo-serve, merged α=0.3", lambda log: start_expo("b", ["--sft", str(merged)], log, *expo_options), None)]
+    for encoding, folder in deltas.items():
+        plans.append((f"(c) expo-serve, {encoding} Δ, α over 3 arms",
+                      lambda log, f=folder: start_expo("c", ["--sft", str(pair.sft_dir), "--delta", str(f)], log, *expo_options),
+                      ARMS))
+    plans.append(("(d) expo-serve, dense Δ, 8 α values",
+                  lambda log: start_expo("d", ["--sft", str(pair.sft_dir), "--delta", str(deltas["dense"])], log, *expo_options),
+                  SWEEP))
+    figures = {}
+    for label, start, alphas in plans:
+        server = start(work / f"{len(figures)}.log")
+        server.name = label
+        server.watch_memory()
+        try:
+            runs = asyncio.run(measure_server(server, requests, args, alphas))
+        finally:
+            server.stop()
+        figures[label] = {**median_of(runs), "rss_gb": server.peak_rss / 1e9, "runs": len(runs)}
+    report_comparison(figures, args, requests)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def report_comparison(figures: dict, args, requests) -> None:
+    import torch
+
+    labels = list(figures)
+    anchor, merged = figures[labels[0]], figures[labels[1]]
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
+        f"workload: {args.requests} chat requests (prompts 63–231 tokens, max_tokens 16–128), {args.concurrency} "
+        f"concurrent streaming clients, greedy, EOS honoured; median of {args.repeats} runs per server, one server at a time",
+        "",
+        "| server | useful tok/s | × (b) | × (a) | TTFT p50 | TTFT p99 | ITL p50 | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, f in figures.items():
+        lines.append(f"| {label} | {f['tok_s']:.1f} | {f['tok_s'] / merged['tok_s']:.2f} | {f['tok_s'] / anchor['tok_s']:.2f} | "
+                     f"{f['ttft_p50']:.2f} s | {f['ttft_p99']:.2f} s | {1000 * f['itl_p50']:.0f} ms | {f['rss_gb']:.1f} GB |")
+    arms = [f for label, f in figures.items() if label.startswith("(c)")]
+    sweep = next(f for label, f in figures.items() if label.startswith("(d)"))
+    dense_arms = next(f for label, f in figures.items() if label.startswith("(c) expo-serve, dense"))
+    goals = [
+        ("per-request α over 3 arms ≥ 0.95× merged, every encoding", min(f["tok_s"] for f in arms) / merged["tok_s"], 0.95),
+        ("8 α values ≥ 0.8× merged", sweep["tok_s"] / merged["tok_s"], 0.8),
+        ("expo-serve merged ≥ 1.5× transformers serve", merged["tok_s"] / anchor["tok_s"], 1.5),
+        ("per-request α over 3 arms (dense) ≥ 1.4× transformers serve", dense_arms["tok_s"] / anchor["tok_s"], 1.4),
+        ("TTFT p50 ≤ 0.7× transformers serve's (3 arms, dense)", anchor["ttft_p50"] / max(dense_arms["ttft_p50"], 1e-9), 1 / 0.7),
+        ("RSS ≤ 1/3 of transformers serve's (largest expo-serve)", anchor["rss_gb"] / max(f["rss_gb"] for f in list(figures.values())[1:]), 3.0),
+    ]
+    lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+    for name, value, bound in goals:
+        lines.append(f"| {name} | {value:.2f} (needs ≥ {bound:.2f}) | {'yes' if value >= bound else 'NO'} |")
+    print("\n".join(lines))
+
+
 # -- other processes' CPU use ------------------------------------------------------------------------
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -241,7 +382,11 @@ def main() -> None:
     parser.add_argument("--max-foreign", type=float, default=0.05,
                         help="discard runs where other processes used more than this share of the CPUs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--compare", action="store_true",
+                        help="whole servers one at a time: transformers serve and expo-serve (merged, Δ, sweep)")
     args = parser.parse_args()
+    if args.compare:
+        return compare_servers(args)
 
     import torch
     from transformers import AutoTokenizer

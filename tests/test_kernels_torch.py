@@ -179,3 +179,30 @@ def test_bit_delta_through_the_op_uncached():
     assert isinstance(d, BitDelta) and not isinstance(d, DenseDelta)
     y = expo_linear_op(x, w, *kernel_args(d), mixed_alpha(4), None, None, None, "torch")
     assert_close_to_reference(y, x, w, d, mixed_alpha(4), None, None)
+
+
+@pytest.mark.parametrize("encoding", ["dense", "int8", "int4", "bit", "lowrank"])
+def test_concat_rows_joins_shards_in_their_encoding(encoding):
+    """Fused q/k/v: shards join in their own encoding (an unchanged shard as that encoding's zero),
+    and the joined Δ decodes to the shards' rows in order."""
+    from expo_kernels import ZeroDelta, concat_rows, encode_delta
+
+    g = torch.Generator().manual_seed(3)
+    shards = [encode_delta(torch.randn(n, 40, generator=g), encoding, group_size=16, rank=4) for n in (24, 8)]
+    members = [shards[0], ZeroDelta(shape=(8, 40)), shards[1]]
+    joined = concat_rows(members, torch.float32)
+    assert joined.encoding == encoding and joined.shape == (40, 40)
+    expected = torch.cat([m.dequantize() for m in members])
+    assert torch.allclose(joined.dequantize(), expected, atol=1e-6)
+
+
+def test_concat_rows_falls_back_to_dense_for_mixed_encodings():
+    from expo_kernels import ZeroDelta, concat_rows, encode_delta
+
+    g = torch.Generator().manual_seed(4)
+    members = [encode_delta(torch.randn(8, 32, generator=g), "int8"), encode_delta(torch.randn(8, 32, generator=g), "bit"),
+               ZeroDelta(shape=(8, 32))]
+    joined = concat_rows(members, torch.float32)
+    assert joined.encoding == "dense"
+    assert torch.equal(joined.dequantize(), torch.cat([m.dequantize() for m in members]))
+    assert concat_rows([ZeroDelta(shape=(4, 32)), ZeroDelta(shape=(4, 32))], torch.float32).encoding == "zero"

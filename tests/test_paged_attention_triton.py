@@ -7,7 +7,7 @@ import os
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    from expo_serve.model.paged_decode_attention import _paged_decode_kernel, paged_decode_attention
+    from expo_kernels.paged_attention import _paged_decode_kernel, paged_decode_attention
     from triton.runtime.interpreter import InterpretedFunction
 finally:
     if _previous is None:

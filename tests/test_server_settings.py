@@ -58,3 +58,18 @@ def test_serve_exits_1_with_the_sentence(capsys):
     # A bad experiments file is reported before any model is loaded (neither path exists).
     assert main(["serve", "--sft", "/nonexistent", "--delta", "/nonexistent", "--experiments", "/nonexistent/x.yaml"]) == 1
     assert "Cannot read the experiments file /nonexistent/x.yaml" in capsys.readouterr().err
+
+
+def test_alpha_cache_option_reaches_the_engine(pairs):
+    from expo_serve.server.runner import build_engine
+
+    sft, aligned = pairs("llama")
+    off = build_engine(_settings("--sft", str(sft), "--aligned", str(aligned), "--alpha-cache-gib", "0", "--device", "cpu"))
+    on = build_engine(_settings("--sft", str(sft), "--aligned", str(aligned), "--alpha-cache-gib", "0.001", "--device", "cpu"))
+    try:
+        assert off.engine.runner.alpha_cache is None
+        cache = on.engine.runner.alpha_cache
+        assert cache.capacity == (2**30 // 1000) // cache.slot_bytes > 0
+    finally:
+        off.shutdown()
+        on.shutdown()

@@ -108,9 +108,6 @@ class RandomSource(ModelSource):
     def _stored_shape(self, stored_name: str) -> tuple[int, ...]:
         return self._shapes[stored_name]
 
-    def _stored_dtype(self, stored_name: str) -> torch.dtype:
-        return self.dtype
-
     def _noise(self, name: str, salt: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + salt + zlib.crc32(name.encode()))
         return torch.randn(self._shapes[name], generator=generator, device=self.device, dtype=torch.float32)

@@ -72,18 +72,19 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.sizes[-1]
 
-    def run(self, token_ids, positions, slot_mapping, block_tables, context_lens, alpha, scale) -> torch.Tensor:
-        """Replay the smallest bucket that holds the batch; returns hidden states of the real rows."""
+    def run(self, token_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Replay the smallest bucket that holds the decode step `ctx`; returns the hidden states
+        of its real rows."""
         b = token_ids.shape[0]
         bucket = next(s for s in self.sizes if s >= b)
         self.token_ids[:b].copy_(token_ids)
-        self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(slot_mapping)
+        self.positions[:b].copy_(ctx.positions)
+        self.slot_mapping[:b].copy_(ctx.slot_mapping)
         self.block_tables[:b].fill_(self.scratch_block)
-        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
-        self.context_lens[:b].copy_(context_lens)
-        self.alpha[:b].copy_(alpha)
-        self.scale[:b].copy_(scale)
+        self.block_tables[:b, : ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        self.context_lens[:b].copy_(ctx.context_lens)
+        self.alpha[:b].copy_(ctx.alpha)
+        self.scale[:b].copy_(ctx.scale)
         # Padding rows: position 0 in the scratch block, α = 0.
         self.token_ids[b:bucket].zero_()
         self.positions[b:bucket].zero_()

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..model.loader import LoadedModel, load_model
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, auto_kv_cache_bytes, kv_bytes_per_block
+from .model_runner import ModelRunner, auto_kv_cache_bytes, default_alpha_cache_bytes, kv_bytes_per_block
 from .outputs import RequestMetrics, RequestOutput
 from .sampler import sample
 from .sampling_params import InvalidRequest, SamplingParams
@@ -34,6 +34,10 @@ class EngineConfig:
     alpha_min: float = -1.0
     alpha_max: float = 25.0
     enforce_eager: bool = False  # on CUDA, do not capture decode steps in CUDA graphs
+    # Merged weights for the hot α values (engine/alpha_cache.py). Default: on a CPU, where the
+    # second product costs in full, up to 2 GiB (at most an eighth of available memory); on CUDA
+    # none, since decode there is bound by bytes and a merged copy per α only adds bytes.
+    alpha_cache_bytes: int | None = None
 
     def __post_init__(self):
         if not self.alpha_min <= self.alpha_default <= self.alpha_max:
@@ -51,7 +55,6 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -76,8 +79,11 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or auto_kv_cache_bytes(self.loaded.device)) // per_block)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        cache_bytes = config.alpha_cache_bytes if config.alpha_cache_bytes is not None \
+            else default_alpha_cache_bytes(self.loaded.device)
         self.runner = ModelRunner(self.loaded, config.block_size, num_blocks, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager)
+                                  max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager,
+                                  alpha_cache_bytes=cache_bytes)
         self.requests: dict[str, _Request] = {}
         self._vocab_size = int(self.loaded.config.vocab_size)
 
@@ -92,10 +98,13 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=False))
         ids = [int(t) for t in prompt]
+        self._check_vocabulary(ids, "prompt")
+        return None, ids
+
+    def _check_vocabulary(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0 to {self._vocab_size - 1})", "prompt")
-        return None, ids
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0 to {self._vocab_size - 1})", param)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; raises InvalidRequest for what can never be served."""
@@ -110,10 +119,17 @@ class LLMEngine:
         if room < 0 or (room == 0 and params.max_tokens != 0):
             raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's context window is {self.max_model_len}",
                                  "prompt", "context_length_exceeded")
-        max_tokens = room if params.max_tokens is None else params.max_tokens
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # as many as fit, within the caller's default (a server's cap)
+            cap = params.default_max_tokens
+            max_tokens = room if cap is None else min(room, max(cap, params.min_tokens))
         if max_tokens > room:
             raise InvalidRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window "
                                  f"of {self.max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        if params.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than the {max_tokens} tokens this request "
+                                 "may generate (max_tokens)", "min_tokens")
+        self._check_vocabulary(params.stop_token_ids, "stop_token_ids")
         needed = self.block_manager.blocks_for(len(ids) + max_tokens)
         if needed > self.block_manager.num_blocks:
             raise InvalidRequest(f"the request needs {needed} KV-cache blocks; the cache has {self.block_manager.num_blocks}",

@@ -13,6 +13,7 @@ import torch
 from ..model.attention import head_dim_of
 from ..model.context import StepContext, set_context
 from ..model.loader import LoadedModel
+from .alpha_cache import AlphaCache
 from .outputs import TokenLogprob
 from .sampler import top_logprobs
 from .scheduler import ScheduledSeq
@@ -40,9 +41,16 @@ def auto_kv_cache_bytes(device: torch.device) -> int:
     return int(min(available // 4, 4 * 1024**3))
 
 
+def default_alpha_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 0
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(available // 8, 2 * 1024**3))
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, block_size: int, num_blocks: int, *, max_num_seqs: int, max_model_len: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, alpha_cache_bytes: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -63,8 +71,22 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, config.hidden_size, loaded.dtype, self.device, max_num_seqs,
                                        -(-max_model_len // block_size), scratch_block=num_blocks, block_size=block_size)
             self.graphs.capture()
+        self.alpha_cache = None
+        if alpha_cache_bytes > 0 and self.model.has_delta:
+            self.alpha_cache = AlphaCache(alpha_cache_bytes, self.model.alpha_slot_bytes, self.model.fill_alpha_slot,
+                                          self.model.drop_alpha_slot)
 
-    def _context(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, StepContext]:
+    def _by_alpha(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], dict[float, int]]:
+        """The batch with sequences whose α has merged weights first, grouped by slot (so each
+        group is one run of rows), the others after; and those slots. Host values only."""
+        if self.alpha_cache is None:
+            return batch, {}
+        slots = self.alpha_cache.plan(item.seq.alpha for item in batch)
+        if not slots:
+            return batch, {}
+        return sorted(batch, key=lambda item: (item.seq.alpha not in slots, slots.get(item.seq.alpha, 0))), slots
+
+    def _context(self, batch: list[ScheduledSeq], alpha_slots: dict[float, int]) -> tuple[torch.Tensor, StepContext]:
         token_ids, positions, slots, alphas, seq_index, query_index = [], [], [], [], [], []
         bs = self.block_size
         for b, item in enumerate(batch):
@@ -77,36 +99,48 @@ class ModelRunner:
             seq_index.extend([b] * n)
             query_index.extend(range(n))
         max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        tables = [t for item in batch for t in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
         context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in batch]
-        dev = self.device
-        as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=dev)  # noqa: E731
+        # Two host-to-device copies a step, one per dtype, each from pinned memory without waiting;
+        # every field is a view of one of the two buffers.
+        longs = self._to_device([token_ids, positions, slots, context_lens, seq_index, query_index, tables], torch.int64)
+        # (1+α) rounded once from double, as the reference merge rounds it.
+        floats = self._to_device([alphas, [1.0 + a for a in alphas]], torch.float32)
+        token_rows, positions_d, slots_d, lens_d, seq_index_d, query_index_d, tables_d = longs
         ctx = StepContext(
-            alpha=torch.tensor(alphas, dtype=torch.float32, device=dev),
-            # (1+α) rounded once from double, as the reference merge rounds it.
-            scale=torch.tensor([1.0 + a for a in alphas], dtype=torch.float32, device=dev),
-            positions=as_long(positions),
-            slot_mapping=as_long(slots),
-            block_tables=as_long(tables),
-            context_lens=as_long(context_lens),
+            alpha=floats[0],
+            scale=floats[1],
+            positions=positions_d,
+            slot_mapping=slots_d,
+            block_tables=tables_d.view(len(batch), max_blocks),
+            context_lens=lens_d,
             query_lens=[item.num_new_tokens for item in batch],
             max_context_len=max(context_lens),
-            seq_index=as_long(seq_index),
-            query_index=as_long(query_index),
+            seq_index=seq_index_d,
+            query_index=query_index_d,
             is_decode_only=all(item.num_new_tokens == 1 for item in batch),
+            row_slots=[alpha_slots.get(a) for a in alphas] if alpha_slots else None,
         )
-        return as_long(token_ids), ctx
+        return token_rows, ctx
+
+    def _to_device(self, fields: list[list], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The lists as tensors on the device: one buffer, one copy (pinned, non-blocking on CUDA)."""
+        flat = torch.tensor([v for values in fields for v in values], dtype=dtype, pin_memory=self.device.type == "cuda")
+        flat = flat.to(self.device, non_blocking=True)
+        return list(flat.split([len(values) for values in fields]))
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepLogits:
-        """Run the batch; record prompt logprobs where asked; return the logits to sample from."""
-        token_ids, ctx = self._context(batch)
+        """Run the batch; record prompt logprobs where asked; return the logits to sample from (in
+        the order of the returned `sampled`, which may differ from the batch's)."""
+        batch, alpha_slots = self._by_alpha(batch)
+        token_ids, ctx = self._context(batch, alpha_slots)
         set_context(ctx)
         try:
             scoring = any(item.seq.prompt_logprobs is not None for item in batch)
-            if self.graphs is not None and ctx.is_decode_only and not scoring and self.graphs.fits(len(batch)):
-                hidden = self.graphs.run(token_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
-                                         ctx.alpha, ctx.scale)
+            graphable = ctx.is_decode_only and not scoring and ctx.row_slots is None
+            if self.graphs is not None and graphable and self.graphs.fits(len(batch)):
+                hidden = self.graphs.run(token_ids, ctx)
             else:
                 hidden = self.model(token_ids, ctx.positions)
             rows, sampled, prompt_rows = [], [], []
@@ -124,18 +158,21 @@ class ModelRunner:
                     sampled.append(item)
                 offset += n
             if prompt_rows:
-                self._score_prompt(hidden, ctx.alpha, prompt_rows)
+                self._score_prompt(hidden, ctx, prompt_rows)
             if not rows:
                 return StepLogits(torch.empty(0), [])
-            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, index), ctx.alpha.index_select(0, index))
-            return StepLogits(logits, sampled)
+            return StepLogits(self._logits(hidden, ctx, rows), sampled)
         finally:
             set_context(None)
 
-    def _score_prompt(self, hidden: torch.Tensor, alpha: torch.Tensor, prompt_rows) -> None:
-        index = torch.tensor([r for _, r, _ in prompt_rows], dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index), alpha.index_select(0, index))
+    def _logits(self, hidden: torch.Tensor, ctx: StepContext, rows: list[int]) -> torch.Tensor:
+        """Logits of some rows, each at its own α: the context of just those rows is published."""
+        index = self._to_device([rows], torch.int64)[0]
+        set_context(ctx.rows(index, rows))
+        return self.model.compute_logits(hidden.index_select(0, index))
+
+    def _score_prompt(self, hidden: torch.Tensor, ctx: StepContext, prompt_rows) -> None:
+        logits = self._logits(hidden, ctx, [r for _, r, _ in prompt_rows])
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor([seq.token_ids[p] for seq, _, p in prompt_rows], dtype=torch.int64, device=self.device)
         k = max(seq.params.prompt_logprobs for seq, _, _ in prompt_rows)

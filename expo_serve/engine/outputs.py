@@ -1,7 +1,7 @@
 """What the engine returns: per request, one CompletionOutput per choice."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -42,7 +42,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
     finished: bool = False
-    extra: dict = field(default_factory=dict)
 
     # The single-choice shorthand of DESIGN.md §5: outs[i].text, outs[i].token_ids.
     @property
@@ -52,7 +51,3 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
-
-    @property
-    def num_generated_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.outputs)

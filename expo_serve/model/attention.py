@@ -84,7 +84,7 @@ class PagedAttention(nn.Module):
         flat_v.index_copy_(0, ctx.slot_mapping, v)
 
         if ctx.is_decode_only and _triton_attention(q.device):
-            from .paged_decode_attention import paged_decode_attention
+            from expo_kernels.paged_attention import paged_decode_attention
 
             out = paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, self.window)
             return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -6,7 +6,7 @@ ExPO layer combines W and Δ per row; the attention metadata says where each row
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,11 +21,34 @@ class StepContext:
     context_lens: torch.Tensor  # [B] int64: keys each sequence attends to after this step
     query_lens: list[int]  # new rows per sequence, in row order
     max_context_len: int
-    # Row r of the flat batch is query q_index[r] of sequence seq_index[r] (for padded attention).
+    # Row r of the flat batch is query query_index[r] of sequence seq_index[r] (for padded attention).
     seq_index: torch.Tensor
     query_index: torch.Tensor
     is_decode_only: bool
+    # Host side, when the α cache serves some rows: each row's slot of merged weights (None: the
+    # fused path). Rows of one slot are adjacent (the runner orders the batch so).
+    row_slots: list[int | None] | None = None
     _masks: dict = field(default_factory=dict)
+
+    def rows(self, index: torch.Tensor, host_index: list[int]) -> "StepContext":
+        """The context of some of this step's rows (those whose logits are computed): their α and
+        slots. `index` is `host_index` on the device."""
+        slots = None if self.row_slots is None else [self.row_slots[i] for i in host_index]
+        return replace(self, alpha=self.alpha.index_select(0, index), scale=self.scale.index_select(0, index),
+                       row_slots=slots, _masks={})
+
+    @property
+    def segments(self) -> list[tuple[int, int, int | None]] | None:
+        """Runs of rows sharing a slot, as (start, end, slot); None when no row has one."""
+        if self.row_slots is None:
+            return None
+        runs: list[tuple[int, int, int | None]] = []
+        for row, slot in enumerate(self.row_slots):
+            if runs and runs[-1][2] == slot:
+                runs[-1] = (runs[-1][0], row + 1, slot)
+            else:
+                runs.append((row, row + 1, slot))
+        return runs
 
     @property
     def num_seqs(self) -> int:

@@ -9,14 +9,40 @@ For norms and embeddings the per-row parameter is formed exactly as the referenc
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expo_kernels import DenseDelta, EncodedDelta, ZeroDelta, expo_linear
+from expo_kernels import DenseDelta, EncodedDelta, ZeroDelta, concat_rows, expo_linear
 
+from ..delta.merge import expo_merge_tensor
 from .context import get_context
-from .fused_delta import concat_rows
+
+Merged = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # α-cache slot -> (W + (1+α)Δ, bias at α)
+
+
+def linear_by_alpha(x: torch.Tensor, fused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], merged: Merged,
+                    out_features: int) -> torch.Tensor:
+    """x's rows through `fused(x_rows, alpha_rows)`, except rows whose α has merged weights in
+    the α cache: those run one plain product per α (engine/alpha_cache.py)."""
+    ctx = get_context()
+    segments = ctx.segments
+    if segments is None:
+        return fused(x, ctx.alpha)
+    if len(segments) == 1 and segments[0][2] is not None:
+        return F.linear(x, *merged[segments[0][2]])
+    out = x.new_empty((x.shape[0], out_features))
+    for start, end, slot in segments:
+        rows = x[start:end]
+        out[start:end] = fused(rows, ctx.alpha[start:end]) if slot is None else F.linear(rows, *merged[slot])
+    return out
+
+
+def merge_at(weight: torch.Tensor, delta: EncodedDelta, alpha: float) -> torch.Tensor:
+    """W + (1+α)·Δ in float32 by the reference merge's formula, stored in W's dtype."""
+    return expo_merge_tensor(weight, delta, alpha).to(weight.dtype)
 
 
 class ExpoLinear(nn.Module):
@@ -31,6 +57,7 @@ class ExpoLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.delta: EncodedDelta = ZeroDelta(shape=(self.out_features, in_features))
         self.delta_bias: torch.Tensor | None = None
+        self.merged: Merged = {}
         self._pending: dict[str, dict[str, EncodedDelta]] = {"weight": {}, "bias": {}}
 
     def _rows(self, shard: str) -> slice:
@@ -59,9 +86,25 @@ class ExpoLinear(nn.Module):
             self.delta_bias = None if isinstance(joined, ZeroDelta) else joined.dequantize(dtype).to(self.weight.device)
         self._pending = {"weight": {}, "bias": {}}
 
-    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        alpha = get_context().alpha if alpha is None else alpha
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_by_alpha(x, self._fused, self.merged, self.out_features)
+
+    def _fused(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return expo_linear(x, self.weight, self.delta, alpha, bias=self.bias, delta_bias=self.delta_bias)
+
+    def fill_alpha_slot(self, slot: int, alpha: float) -> None:
+        bias = None
+        if self.bias is not None:
+            delta_bias = DenseDelta(shape=tuple(self.bias.shape), delta=self.delta_bias) if self.delta_bias is not None \
+                else ZeroDelta(shape=tuple(self.bias.shape))
+            bias = merge_at(self.bias, delta_bias, alpha)
+        self.merged[slot] = (merge_at(self.weight, self.delta, alpha), bias)
+
+    @property
+    def merged_bytes(self) -> int:
+        """What one α-cache slot of this layer holds."""
+        tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class ExpoEmbedding(nn.Module):
@@ -69,6 +112,7 @@ class ExpoEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype, device=device), requires_grad=False)
         self.delta: EncodedDelta = ZeroDelta(shape=(num_embeddings, dim))
+        self.merged: Merged = {}  # only for a tied lm_head's product (lookups are exact per row already)
 
     def load_base(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
         self.weight.data.copy_(tensor)
@@ -78,6 +122,18 @@ class ExpoEmbedding(nn.Module):
 
     def finalize(self) -> None:
         pass
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """As a tied lm_head: hidden · (E + (1+α)·ΔE)ᵀ, α per row."""
+        fused = lambda x, alpha: expo_linear(x, self.weight, self.delta, alpha)  # noqa: E731
+        return linear_by_alpha(hidden, fused, self.merged, self.weight.shape[0])
+
+    def fill_alpha_slot(self, slot: int, alpha: float) -> None:
+        self.merged[slot] = (merge_at(self.weight, self.delta, alpha), None)
+
+    @property
+    def merged_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(token_ids, self.weight)

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expo_kernels import expo_linear
-
 from .attention import PagedAttention, RotaryEmbedding, head_dim_of
 from .layers import ExpoEmbedding, ExpoLinear, ExpoRMSNorm
 
@@ -114,14 +112,33 @@ class ExpoForCausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """Logits in float32 for hidden rows whose α is `alpha`."""
-        if self.tied_lm_head:
-            embed = self.model.embed_tokens
-            logits = expo_linear(hidden, embed.weight, embed.delta, alpha)
-        else:
-            logits = self.lm_head(hidden, alpha)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 for hidden rows, each at the α the step context gives its row (the
+        runner publishes the context of just these rows: StepContext.rows)."""
+        logits = self.model.embed_tokens.logits(hidden) if self.tied_lm_head else self.lm_head(hidden)
         return logits.float()
+
+    # -- the α cache's merged weights (engine/alpha_cache.py) -----------------------------------
+    def _merged_holders(self) -> list[nn.Module]:
+        """Every module whose product can run on merged weights: each linear, and a tied lm_head."""
+        holders = [m for m in self.modules() if isinstance(m, ExpoLinear)]
+        return holders + ([self.model.embed_tokens] if self.tied_lm_head else [])
+
+    @property
+    def has_delta(self) -> bool:
+        return any(m.delta.encoding != "zero" for m in self._merged_holders())
+
+    @property
+    def alpha_slot_bytes(self) -> int:
+        return sum(m.merged_bytes for m in self._merged_holders())
+
+    def fill_alpha_slot(self, slot: int, alpha: float) -> None:
+        for module in self._merged_holders():
+            module.fill_alpha_slot(slot, alpha)
+
+    def drop_alpha_slot(self, slot: int) -> None:
+        for module in self._merged_holders():
+            module.merged.pop(slot, None)
 
     def module_for(self, name: str) -> tuple[nn.Module, str, str]:
         """(module, shard, 'weight'|'bias') that loads the HF parameter `name`."""

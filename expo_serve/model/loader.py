@@ -9,7 +9,7 @@ Tokenizer, chat template and generation defaults come from the aligned model whe
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,10 +32,8 @@ class LoadedModel:
     config: object
     tokenizer: object
     eos_token_ids: list[int]
-    delta_encoding: str  # "none" when serving without a delta
     dtype: torch.dtype
     device: torch.device
-    sources: dict = field(default_factory=dict)
 
 
 def load_model(
@@ -63,15 +61,12 @@ def load_model(
         checkpoint = DeltaCheckpoint(delta)
         checkpoint.check_layout(base)
         tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta)
-        encoding = checkpoint.manifest["encoding"]
     elif aligned:
         aligned_source = open_source(aligned)
         verify_pair(base, aligned_source)
         tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
-        encoding = aligned_encoding
     else:
         tokenizer, eos = _tokenizer_and_eos_from_source(base)
-        encoding = "none"
 
     config = base.config
     positions = max_positions or int(getattr(config, "max_position_embeddings", 4096))
@@ -100,9 +95,7 @@ def load_model(
     if progress:
         progress(len(names), len(names), "done")
     model.eval()
-    return LoadedModel(model, config, tokenizer, eos, encoding, dtype, device,
-                       {"sft": base.spec, "delta": delta, "aligned": aligned_source.spec if aligned_source else None,
-                        "fingerprint": fingerprint.hexdigest()})
+    return LoadedModel(model, config, tokenizer, eos, dtype, device)
 
 
 def _on_device(delta: EncodedDelta, device: torch.device, dtype: torch.dtype) -> EncodedDelta:

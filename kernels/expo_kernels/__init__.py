@@ -10,6 +10,7 @@ from .encode import (
     Int8Delta,
     LowRankDelta,
     ZeroDelta,
+    concat_rows,
     encode_delta,
     from_parts,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Int8Delta",
     "LowRankDelta",
     "ZeroDelta",
+    "concat_rows",
     "encode_delta",
     "expo_linear",
     "from_parts",

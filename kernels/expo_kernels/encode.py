@@ -65,6 +65,19 @@ class EncodedDelta(ABC):
         """Dequantized rows Δ[index] (for embedding lookups), without decoding the rest."""
         ...
 
+    def zero_rows(self, rows: int) -> "EncodedDelta":
+        """The all-zero Δ of `rows` rows in this encoding (to stand in for an unchanged shard)."""
+        zeros = {name: torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for name, t in self.parts().items()}
+        return from_parts(self.encoding, (rows, *self.shape[1:]), zeros, self.params())
+
+    def join_rows(self, deltas: list["EncodedDelta"]) -> "EncodedDelta | None":
+        """One Δ of this encoding whose rows are those of `deltas` (each this encoding or zero), or
+        None where the encoding cannot join them. Rows are independent (per-row or per-row-group
+        scales), so row blocks concatenate part by part."""
+        members = [d if d.encoding != "zero" else self.zero_rows(d.shape[0]) for d in deltas]
+        parts = {name: torch.cat([m.parts()[name] for m in members], dim=0) for name in self.parts()}
+        return from_parts(self.encoding, (sum(d.shape[0] for d in deltas), *self.shape[1:]), parts, self.params())
+
     # -- shared behaviour -------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
@@ -127,6 +140,9 @@ class ZeroDelta(EncodedDelta):
     def rows(self, index, dtype=torch.float32):
         return torch.zeros((*index.shape, *self.shape[1:]), dtype=dtype, device=index.device)
 
+    def zero_rows(self, rows):
+        return ZeroDelta(shape=(rows, *self.shape[1:]))
+
 
 @dataclass
 class Int8Delta(EncodedDelta):
@@ -156,6 +172,18 @@ class Int4Delta(EncodedDelta):
 
     def params(self):
         return {"group_size": self.group_size}
+
+    def zero_rows(self, rows):
+        # A nibble holds q + 8: 0x88 is two zeros (a zero byte would decode to -8 · scale = 0 too,
+        # but only while the scale is 0; this stays right whatever scale a caller sets).
+        packed = torch.full((rows, self.packed.shape[1]), 0x88, dtype=torch.uint8, device=self.packed.device)
+        scale = torch.zeros((rows, *self.scale.shape[1:]), dtype=self.scale.dtype, device=self.scale.device)
+        return Int4Delta(shape=(rows, self.shape[1]), packed=packed, scale=scale, group_size=self.group_size)
+
+    def join_rows(self, deltas):
+        if any(d.encoding == "int4" and d.group_size != self.group_size for d in deltas):
+            return None  # groups of different sizes do not share one scale layout
+        return super().join_rows(deltas)
 
     def _decode(self, packed: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
         k = self.shape[1]
@@ -211,6 +239,21 @@ class LowRankDelta(EncodedDelta):
     def params(self):
         return {"rank": self.rank}
 
+    def join_rows(self, deltas):
+        """A stacked and B block-diagonal: the joined Δ is exactly [B₁·A₁; B₂·A₂; …], of rank
+        R₁ + R₂ + …; a zero member adds rows of B and no rank."""
+        members = [d for d in deltas if d.encoding == "lowrank"]
+        rows, rank = sum(d.shape[0] for d in deltas), sum(d.rank for d in members)
+        a = torch.cat([d.a for d in members], dim=0)
+        b = torch.zeros((rows, rank), dtype=self.b.dtype, device=self.b.device)
+        row = col = 0
+        for d in deltas:
+            if d.encoding == "lowrank":
+                b[row:row + d.shape[0], col:col + d.rank] = d.b
+                col += d.rank
+            row += d.shape[0]
+        return LowRankDelta(shape=(rows, self.shape[1]), a=a, b=b)
+
     def dequantize(self, dtype=torch.float32):
         return (self.b.to(torch.float32) @ self.a.to(torch.float32)).to(dtype)
 
@@ -221,6 +264,25 @@ class LowRankDelta(EncodedDelta):
 _CLASSES: dict[str, type[EncodedDelta]] = {
     cls.encoding: cls for cls in (DenseDelta, ZeroDelta, Int8Delta, Int4Delta, BitDelta, LowRankDelta)
 }
+
+
+def concat_rows(deltas: list[EncodedDelta], dense_dtype: torch.dtype) -> EncodedDelta:
+    """One encoded Δ whose rows are those of `deltas`, in order (fused q/k/v, gate/up): joined in
+    their common encoding, where zero members take that encoding's zero; all zero gives zero;
+    mixed encodings, 1-D deltas, and what an encoding cannot join fall back to dense."""
+    shape = (sum(d.shape[0] for d in deltas), *deltas[0].shape[1:])
+    kinds = {d.encoding for d in deltas} - {"zero"}
+    if not kinds:
+        return ZeroDelta(shape=shape)
+    if len(kinds) == 1 and len(shape) == 2:
+        template = next(d for d in deltas if d.encoding != "zero")
+        joined = template.join_rows(deltas)
+        if joined is not None:
+            return joined
+    if kinds == {"dense"}:
+        dense_dtype = next(d.delta.dtype for d in deltas if d.encoding == "dense")
+    device = next(t.device for d in deltas for t in d.parts().values())  # a zero member has no tensor
+    return DenseDelta(shape=shape, delta=torch.cat([d.dequantize(dense_dtype).to(device) for d in deltas], dim=0))
 
 
 def from_parts(encoding: str, shape, parts: dict[str, torch.Tensor], params: dict | None = None) -> EncodedDelta:

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from expo_kernels.triton_compat import fix_interpreter_index
+from .triton_compat import fix_interpreter_index
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    fix_interpreter_index()  # Triton 3.6's interpreter vs NumPy >= 2.4, see expo_kernels.triton_compat
+    fix_interpreter_index()  # Triton 3.6's interpreter vs NumPy >= 2.4, see triton_compat
 
 
 @triton.jit

@@ -63,11 +63,6 @@ def dense_delta(delta: EncodedDelta, dtype: torch.dtype) -> torch.Tensor:
     return decoded[dtype]
 
 
-def clear_cache() -> None:
-    """Drop every decoded Δ (they come back on next use)."""
-    _DENSE_CACHE.clear()
-
-
 def decode_parts(encoding: str, parts: list[torch.Tensor], group_size: int, shape: tuple[int, int],
                  dtype: torch.dtype) -> torch.Tensor:
     """Dense Δ from stored parts, uncached (for callers that hold only the parts)."""
