@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--quick", action="store_true", help="one repeat, no HF baseline (a smoke run)")
+    parser.add_argument("--alpha-cache-gib", type=float, help="the engine's α cache (default: the engine's own default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     random_mode = parser.add_argument_group("GPU mode: a random pair of a real shape")
     random_mode.add_argument("--random", choices=("mistral-7b", "tiny"), help="run on a random pair of this shape")
@@ -276,10 +277,12 @@ def main() -> None:
     results = {}
     if not args.quick:
         results["a_hf_merged"] = timed("(a) HF generate, merged", lambda: run_hf(merged, requests, args.concurrency))
+    cache = {} if args.alpha_cache_gib is None else {"alpha_cache_bytes": int(args.alpha_cache_gib * 2**30)}
     results["b_engine_merged"] = timed("(b) engine, merged", lambda: run_engine(requests, args.concurrency, False, sft=str(merged)))
     for encoding, folder in deltas.items():
         results[f"c_{encoding}"] = timed(f"(c) engine, per-request α, {encoding}",
-                                         lambda f=folder: run_engine(requests, args.concurrency, True, sft=str(pair.sft_dir), delta=str(f)))
+                                         lambda f=folder: run_engine(requests, args.concurrency, True, sft=str(pair.sft_dir),
+                                                                     delta=str(f), **cache))
 
     b = results["b_engine_merged"]
     lines = [

@@ -97,28 +97,35 @@ def in_process(engine):
 
 
 # -- (b) over HTTP ------------------------------------------------------------------------------------
+async def stream_chat(client, body: dict) -> Sample:
+    """One streamed chat as the client sees it: time to the first text, gaps between pieces, and
+    tokens (from the usage chunk; from the pieces, one a token, for a server that sends none)."""
+    sample, sent, last, pieces = Sample(), time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                sample.tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                now = time.perf_counter()
+                pieces += 1
+                if last is None:
+                    sample.ttft = now - sent
+                else:
+                    sample.gaps.append(now - last)
+                last = now
+    sample.tokens = sample.tokens or pieces
+    return sample
+
+
 def over_http(client, model: str):
     async def one(r: Request) -> Sample:
-        body = {"model": model, "messages": r.messages, "max_tokens": r.max_tokens, "temperature": 0,
-                "ignore_eos": True, "alpha": r.alpha, "stream": True, "stream_options": {"include_usage": True}}
-        sample, sent = Sample(), time.perf_counter()
-        last = None
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    sample.tokens = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    if last is None:
-                        sample.ttft = now - sent
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
-        return sample
+        return await stream_chat(client, {"model": model, "messages": r.messages, "max_tokens": r.max_tokens,
+                                          "temperature": 0, "ignore_eos": True, "alpha": r.alpha, "stream": True,
+                                          "stream_options": {"include_usage": True}})
 
     return one
 
@@ -155,25 +162,7 @@ def chat_client(client, model: str, alphas: tuple[float, ...] | None):
                 "stream_options": {"include_usage": True}}
         if alphas:
             body["alpha"] = alphas[next(counter) % len(alphas)]
-        sample, sent, last, pieces = Sample(), time.perf_counter(), None, 0
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    sample.tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                    now = time.perf_counter()
-                    pieces += 1
-                    if last is None:
-                        sample.ttft = now - sent
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
-        sample.tokens = sample.tokens or pieces  # a server that sends no usage: one piece a token
-        return sample
+        return await stream_chat(client, body)
 
     return one
 
@@ -218,7 +207,7 @@ def compare_servers(args) -> None:
     expo_options = ["--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len),
                     "--kv-cache-gib", str(args.kv_cache_gib)]
     plans = [("(a) transformers serve --continuous-batching, merged α=0.3", lambda log: start_transformers("a", merged, log), None),
-             ("(b) expo-serve, merged α=0.3", lambda log: start_expo("b", ["--sft", str(merged)], log, *expo_options), None)]
+             ("(b) expo-serve, merged α=0.3", lambda log: start_expo("b", ["--sft", str(merged), "--aligned", str(merged)], log, *expo_options), None)]
     for encoding, folder in deltas.items():
         plans.append((f"(c) expo-serve, {encoding} Δ, α over 3 arms",
                       lambda log, f=folder: start_expo("c", ["--sft", str(pair.sft_dir), "--delta", str(f)], log, *expo_options),

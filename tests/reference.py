@@ -31,6 +31,20 @@ def reference_model(sft_dir, aligned_dir, alpha: float):
     return model
 
 
+def decoded_merge_model(sft_dir, delta_dir, alpha: float):
+    """HF on θ_sft + (1+α)·Δ with Δ as a delta folder decodes it: what a compact Δ must equal."""
+    from transformers import AutoModelForCausalLM
+
+    from expo_serve.delta.store import DeltaCheckpoint
+
+    decoded = {name: d.dequantize() for name, d in DeltaCheckpoint(delta_dir)}
+    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(param + decoded[name] * (1.0 + alpha))
+    return model
+
+
 @torch.no_grad()
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens (no EOS stop) and the log-softmax at every generated step, [steps, V]."""

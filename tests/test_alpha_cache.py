@@ -24,6 +24,15 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital
 MAX_NEW = 10
 
 
+@pytest.fixture
+def always_merged(monkeypatch):
+    """Every cached α group runs on its merged weights, whatever the cost rule would pick: the
+    mechanism under test, for batches where the rule would choose the fused path."""
+    from expo_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "merged_is_cheaper", lambda rows, slots: True)
+
+
 def _params(alpha, **kw):
     return SamplingParams(alpha=alpha, max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, **kw)
 
@@ -47,7 +56,7 @@ def assert_reference_tokens(pair, llm, prompts, alphas, outs):
 
 @pytest.mark.parametrize("name, options", [("llama", {}), ("llama-tied", {"arch": "llama", "tie": True}),
                                            ("mistral", {}), ("qwen2", {})])
-def test_cached_alphas_match_the_reference_merge(pairs, name, options):
+def test_cached_alphas_match_the_reference_merge(pairs, name, options, always_merged):
     pair = pairs(name, **options)
     llm = LLM(str(pair[0]), aligned=str(pair[1]), alpha_cache_bytes=1 << 30)
     outs = llm.generate(PROMPTS, [_params(a) for a in ALPHAS])
@@ -69,7 +78,7 @@ def test_cached_rows_equal_the_merged_checkpoint_bit_for_bit(pairs, tmp_path):
         assert x.logprob == y.logprob and x.top == y.top  # exact float equality, every top-20 entry
 
 
-def test_tokens_do_not_depend_on_the_path_or_the_batch(pairs):
+def test_tokens_do_not_depend_on_the_path_or_the_batch(pairs, always_merged):
     """Two slots for four α: two served merged, two fused, in one batch; then alone, each α on its
     own; then with the cache evicting and refilling. Every answer is the reference's."""
     pair = pairs("llama")
@@ -89,6 +98,15 @@ def test_tokens_do_not_depend_on_the_path_or_the_batch(pairs):
     assert cache.evictions >= 2
     fused_only = probe.generate(PROMPTS, [_params(a) for a in ALPHAS])
     assert [o.token_ids for o in fused_only] == [o.token_ids for o in mixed]
+
+
+def test_the_cost_rule_picks_merged_weights_where_they_save_products():
+    from expo_serve.engine.model_runner import merged_is_cheaper
+
+    assert merged_is_cheaper({0.3: 16}, {0.3: 0})  # one α: one product instead of two
+    assert merged_is_cheaper({0.3: 200, 1.0: 40}, {0.3: 0, 1.0: 1})  # prefill-sized groups
+    assert not merged_is_cheaper({0.0: 6, 0.3: 5, 1.0: 5}, {0.0: 0, 0.3: 1, 1.0: 2})  # three decode groups
+    assert not merged_is_cheaper({0.0: 8, 0.3: 8}, {0.0: 0})  # a small cached group beside fused rows
 
 
 def test_cache_keeps_its_slots_under_more_live_alphas_than_slots():

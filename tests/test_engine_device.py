@@ -22,12 +22,11 @@ import os
 
 import pytest
 import torch
-from reference import reference_greedy, reference_model
+from reference import decoded_merge_model, reference_greedy, reference_model
 
 from expo_serve import LLM, SamplingParams
 from expo_serve.delta.build import build_delta
 from expo_serve.delta.sources import open_source
-from expo_serve.delta.store import DeltaCheckpoint
 
 DEVICE = os.environ.get("EXPO_TEST_DEVICE", "cuda")
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -106,20 +105,13 @@ def test_engine_on_device_matches_reference_merge(pairs, name, dtype, graphs):
 @pytest.mark.parametrize("encoding", ["int8", "int4", "bit", "lowrank"])
 def test_compact_delta_on_device_serves_its_decoded_merge(pairs, tmp_path, encoding):
     """A delta folder in each compact encoding, in float32, equals the reference merge of its decoded Δ."""
-    from transformers import AutoModelForCausalLM
-
     sft, aligned = pairs("qwen2")
     folder = tmp_path / encoding
     build_delta(open_source(sft), open_source(aligned), folder, encoding=encoding, rank=8, group_size=32, dtype="float32")
     llm = LLM(str(sft), delta=str(folder), dtype="float32", device=DEVICE, max_num_seqs=8, max_model_len=128,
               kv_cache_bytes=KV_CACHE_BYTES)
     outs = llm.generate(PROMPTS[:2], [_params(a) for a in (0.3, 2.5)])
-    decoded = {name: d.dequantize() for name, d in DeltaCheckpoint(folder)}
     for prompt, alpha, out in zip(PROMPTS[:2], (0.3, 2.5), outs):
-        model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                param.copy_(param + decoded[param_name] * (1.0 + alpha))
         ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-        ref_tokens, ref_log_probs = reference_greedy(model, ids, MAX_NEW)
+        ref_tokens, ref_log_probs = reference_greedy(decoded_merge_model(sft, folder, alpha), ids, MAX_NEW)
         _check(out, ref_tokens, ref_log_probs, None, f"{encoding} α={alpha}")

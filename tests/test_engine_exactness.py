@@ -6,7 +6,7 @@ token's and its top alternatives') within 2e-4 of the reference's log-softmax, i
 from __future__ import annotations
 
 import pytest
-from reference import reference_greedy, reference_model, reference_prompt_log_probs
+from reference import decoded_merge_model, reference_greedy, reference_model, reference_prompt_log_probs
 
 from expo_serve import LLM, SamplingParams
 from expo_serve.delta.build import build_delta
@@ -59,23 +59,13 @@ def test_one_batch_mixing_alphas_matches_reference_merge(pairs, name):
 @pytest.mark.parametrize("encoding", ["dense", "int8", "lowrank"])
 def test_delta_folder_serves_its_own_decoded_merge(pairs, tmp_path, encoding):
     """With a compact Δ the engine must equal the reference merge of the *decoded* Δ."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from expo_serve.delta.store import DeltaCheckpoint
-
     sft, aligned = pairs("qwen2")
     build_delta(open_source(sft), open_source(aligned), tmp_path / "d", encoding=encoding, rank=8, dtype="float32")
     llm = LLM(str(sft), delta=str(tmp_path / "d"))
     outs = llm.generate(PROMPTS[:2], [_params(a) for a in (0.3, 2.5)])
-    decoded = {name: d.dequantize() for name, d in DeltaCheckpoint(tmp_path / "d")}
     for prompt, alpha, out in zip(PROMPTS[:2], (0.3, 2.5), outs):
-        model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(param + decoded[name] * (1.0 + alpha))
         ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-        ref_tokens, _ = reference_greedy(model, ids, MAX_NEW)
+        ref_tokens, _ = reference_greedy(decoded_merge_model(sft, tmp_path / "d", alpha), ids, MAX_NEW)
         assert out.token_ids == ref_tokens
 
 

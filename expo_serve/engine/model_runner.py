@@ -12,6 +12,8 @@ import torch
 
 from ..model.attention import head_dim_of
 from ..model.context import StepContext, set_context
+from expo_kernels.torch_path import MERGE_MIN_ROWS
+
 from ..model.loader import LoadedModel
 from .alpha_cache import AlphaCache
 from .outputs import TokenLogprob
@@ -39,6 +41,22 @@ def auto_kv_cache_bytes(device: torch.device) -> int:
         return int(free * 0.9)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(min(available // 4, 4 * 1024**3))
+
+
+def product_cost(rows: int) -> float:
+    """A CPU product's cost in units of one at MERGE_MIN_ROWS rows: flat below (a product of a few
+    rows costs about as much as one of 32: weights and call overhead, not arithmetic), linear above
+    (compute-bound). The threshold is the torch path's, measured on the 2-core dev machine."""
+    return max(1.0, rows / MERGE_MIN_ROWS)
+
+
+def merged_is_cheaper(rows: dict[float, int], slots: dict[float, int]) -> bool:
+    """One product per cached α group (plus two fused ones for any other rows) against two fused
+    products over all rows. A single α, or groups of prefill size, win; three decode-sized
+    groups lose (bench/RESULTS.md, issue 12's table)."""
+    rest = sum(n for alpha, n in rows.items() if alpha not in slots)
+    merged = sum(product_cost(rows[alpha]) for alpha in slots) + (2 * product_cost(rest) if rest else 0.0)
+    return merged < 2 * product_cost(sum(rows.values()))
 
 
 def default_alpha_cache_bytes(device: torch.device) -> int:
@@ -77,12 +95,15 @@ class ModelRunner:
                                           self.model.drop_alpha_slot)
 
     def _by_alpha(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], dict[float, int]]:
-        """The batch with sequences whose α has merged weights first, grouped by slot (so each
-        group is one run of rows), the others after; and those slots. Host values only."""
+        """Which α groups of this step run on merged weights (their slots), and the batch ordered
+        so that each such group is one run of rows, the fused rows after. Host values only."""
         if self.alpha_cache is None:
             return batch, {}
-        slots = self.alpha_cache.plan(item.seq.alpha for item in batch)
-        if not slots:
+        rows: dict[float, int] = {}
+        for item in batch:
+            rows[item.seq.alpha] = rows.get(item.seq.alpha, 0) + item.num_new_tokens
+        slots = self.alpha_cache.plan(rows)
+        if not slots or not merged_is_cheaper(rows, slots):
             return batch, {}
         return sorted(batch, key=lambda item: (item.seq.alpha not in slots, slots.get(item.seq.alpha, 0))), slots
 
