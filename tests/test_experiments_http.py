@@ -206,3 +206,16 @@ def test_sigkill_under_load_loses_nothing_acknowledged(db_url, tmp_path):
         assert sum(a["metrics"]["thumbs"]["n"] for a in results["arms"]) >= len(acked_feedback)
     finally:
         restarted.stop()
+
+
+def test_a_nul_character_is_a_400_on_every_store(db_url):
+    """PostgreSQL text cannot hold NUL: ids, units and comments with one are refused as bad input
+    (400 with the envelope), reads and writes alike, and the store serves on."""
+    with StandaloneServer(db_url) as srv, httpx.Client(base_url=srv.base_url, timeout=10) as http:
+        assert http.post("/v1/experiments", json=SWEEP, headers=ADMIN).status_code == 201
+        assert_envelope(http.get("/v1/experiments/alpha%00sweep"), 404, "experiment_not_found")  # held in memory
+        assert_envelope(http.get("/v1/exposures/exp_%00", headers=ADMIN), 400, "invalid_value")
+        assert_envelope(http.post("/v1/feedback", json={"exposure_id": "exp_\x00", "name": "thumbs", "value": 1}),
+                        400, "invalid_value")
+        assert_envelope(http.post("/v1/battles/bat_%00/vote", json={"winner": "left"}), 400, "invalid_value")
+        assert http.get("/v1/experiments/alpha-sweep").status_code == 200

@@ -66,6 +66,11 @@ class Tx:
         self._convert = convert
 
     def run(self, sql: str, params: tuple = ()) -> Any:
+        # PostgreSQL text cannot hold NUL, and an id or comment with one is no one's anyway: refused
+        # the same way on every store, as bad input rather than a driver error (a 500).
+        if any(isinstance(v, str) and "\x00" in v for v in params):
+            raise OperationRefused(ExperimentError(
+                "Identifiers, units and comments cannot contain the NUL character (\\u0000).", code="invalid_value"))
         return self.conn.execute(self._convert(sql), params)
 
     def one(self, sql: str, params: tuple = ()):
@@ -158,6 +163,11 @@ class SqlStore(ExperimentStore):
         try:
             result = fn(self.wrap(conn))
             self.end_read(conn)
+        except OperationRefused as refused:  # bad input, seen before the driver: the connection is fine
+            self.end_read(conn)
+            with self._reader_lock:
+                self._idle_readers.append(conn)
+            raise refused.error from None
         except BaseException:
             with self._reader_lock:
                 self._readers.remove(conn)
