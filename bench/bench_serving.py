@@ -34,9 +34,7 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,8 +46,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from workload import ARMS, Request, make_workload  # noqa: E402
-
-BANNER = re.compile(r"expo-serve: serving \S+ at (http://\S+)")
 
 
 @dataclass
@@ -128,24 +124,6 @@ def over_http(client, model: str):
                                           "stream_options": {"include_usage": True}})
 
     return one
-
-
-def start_server(sft: str, aligned: str, args, log: Path) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "expo_serve", "serve", "--sft", sft, "--aligned", aligned, "--host", "127.0.0.1",
-               "--port", "0", "--model-name", "bench", "--max-num-seqs", str(args.concurrency),
-               "--max-model-len", str(args.max_model_len), "--kv-cache-gib", str(args.kv_cache_gib),
-               "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        found = BANNER.search(log.read_text())
-        if found:
-            return process, found.group(1)
-        if process.poll() is not None:
-            break
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"the server did not start:\n{log.read_text()}")
 
 
 # -- whole servers side by side (--compare) ---------------------------------------------------------
@@ -394,15 +372,17 @@ def main() -> None:
 
     config = EngineConfig(sft=sft, aligned=aligned, max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
                           kv_cache_bytes=int(args.kv_cache_gib * 2**30))
+    from servers import start_expo
+
     log = Path(tempfile.mkdtemp(prefix="bench-serving-")) / "server.log"
-    server, url = start_server(sft, aligned, args, log)
+    server = start_expo("http", ["--sft", sft, "--aligned", aligned], log, "--max-num-seqs", str(args.concurrency),
+                        "--max-model-len", str(args.max_model_len), "--kv-cache-gib", str(args.kv_cache_gib))
     engine = AsyncEngine(LLMEngine(config))
     try:
-        runs = asyncio.run(measure(args, requests, engine, url, server.pid))
+        runs = asyncio.run(measure(args, requests, engine, server.url, server.process.pid))
     finally:
         engine.shutdown()
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
     clean = {mode: [r for r in mode_runs if r["foreign"] <= args.max_foreign] for mode, mode_runs in runs.items()}
     if not all(clean.values()):

@@ -79,6 +79,7 @@ def free_port() -> int:
 
 
 def start_expo(name: str, model_args: list[str], log: Path, *options: str, timeout_s: float = 900) -> Server:
+    """`expo-serve serve` on a free port, serving its model as `bench`; returns once it listens."""
     command = [sys.executable, "-m", "expo_serve", "serve", *model_args, "--host", "127.0.0.1", "--port", "0",
                "--model-name", "bench", "--log-level", "warning", *options]
     process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
@@ -89,7 +90,7 @@ def start_expo(name: str, model_args: list[str], log: Path, *options: str, timeo
             return Server(name, "bench", process, found.group(1), log)
         time.sleep(0.5)
     process.kill()
-    raise SystemExit(f"{name} did not start:\n{log.read_text()[-3000:]}")
+    raise SystemExit(f"{name} did not start within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def start_transformers(name: str, model_dir: Path, log: Path, *, timeout_s: float = 900) -> Server:

@@ -23,3 +23,16 @@ def pairs(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def engine(pairs):
+    """A running AsyncEngine on the tiny Qwen2 pair, for the app tests that run in process."""
+    from expo_serve.engine.async_engine import AsyncEngine
+    from expo_serve.engine.llm_engine import EngineConfig, LLMEngine
+
+    sft, aligned = pairs("qwen2")
+    engine = AsyncEngine(LLMEngine(EngineConfig(sft=str(sft), aligned=str(aligned), max_model_len=128,
+                                                kv_cache_bytes=2**24)))
+    yield engine
+    engine.shutdown()

@@ -18,8 +18,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
-from expo_serve.engine.async_engine import AsyncEngine
-from expo_serve.engine.llm_engine import EngineConfig, LLMEngine
 from expo_serve.engine.sampling_params import SamplingParams
 from expo_serve.server.app import create_app
 from expo_serve.server.battle import pair_generator
@@ -61,15 +59,6 @@ class StubExperiments:
 
     async def record_outcome(self, exposure_id, **outcome):
         self.outcomes[exposure_id] = outcome
-
-
-@pytest.fixture(scope="module")
-def engine(pairs):
-    sft, aligned = pairs("qwen2")
-    engine = AsyncEngine(LLMEngine(EngineConfig(sft=str(sft), aligned=str(aligned), max_model_len=128,
-                                                kv_cache_bytes=2**24)))
-    yield engine
-    engine.shutdown()
 
 
 def _app(engine, experiments=None, **settings):

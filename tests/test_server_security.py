@@ -13,8 +13,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from expo_serve.engine.async_engine import AsyncEngine
-from expo_serve.engine.llm_engine import EngineConfig, LLMEngine
 from expo_serve.experiments import ExperimentService, open_store
 from expo_serve.experiments.config import parse_experiment
 from expo_serve.server.app import create_app
@@ -29,15 +27,6 @@ BEARER = {"Authorization": f"Bearer {KEY}"}
 EXPERIMENT = {"key": "sweep", "arms": [{"name": "control", "alpha": 0.0, "control": True},
                                        {"name": "a05", "alpha": 0.5}]}
 MESSAGES = [{"role": "user", "content": "Paris is the capital of"}]
-
-
-@pytest.fixture(scope="module")
-def engine(pairs):
-    sft, aligned = pairs("qwen2")
-    engine = AsyncEngine(LLMEngine(EngineConfig(sft=str(sft), aligned=str(aligned), max_model_len=128,
-                                                kv_cache_bytes=2**24)))
-    yield engine
-    engine.shutdown()
 
 
 def _server_app(engine, db_path, **options):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "bench"), str(ROOT / "bench" / "gpu")]
 
-from bench_serving import BANNER, over_http, run_clients, summarize  # noqa: E402
+from bench_serving import over_http, run_clients, summarize  # noqa: E402
 from random_pair import make_pair, save_folder  # noqa: E402
+from servers import start_expo  # noqa: E402
 from workload import make_workload  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,32 +54,16 @@ def prepare(args) -> tuple[Path, Path, float]:
     return sft_dir, delta_dir, time.perf_counter() - started
 
 
-def start_server(args, sft_dir: Path, delta_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "expo_serve", "serve", "--sft", str(sft_dir), "--delta", str(delta_dir),
-               "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0",
-               "--model-name", "kit", "--max-num-seqs", str(args.concurrency), "--max-model-len", "1024",
-               "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        found = BANNER.search(log.read_text())
-        if found:
-            return process, found.group(1)
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"the server did not start within {args.start_timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def openai_chat(url: str) -> dict:
+def openai_chat(url: str, model: str) -> dict:
     """The openai client's chat with alpha, plain and streamed: which α did the server say it used?"""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
-    raw = client.chat.completions.with_raw_response.create(model="kit", messages=messages, max_tokens=16,
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=16,
                                                            temperature=0, extra_body={"alpha": 0.3})
     reply = raw.parse()
-    stream = client.chat.completions.create(model="kit", messages=messages, max_tokens=16, temperature=0, stream=True,
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0, stream=True,
                                             extra_body={"alpha": 2.5})
     chunks = list(stream)
     streamed_alpha = (chunks[0].model_extra or {}).get("expo", {}).get("alpha")
@@ -90,11 +74,11 @@ def openai_chat(url: str) -> dict:
             "completion_tokens": reply.usage.completion_tokens, "text": reply.choices[0].message.content[:80]}
 
 
-async def load(url: str, requests, concurrency: int) -> dict:
+async def load(url: str, model: str, requests, concurrency: int) -> dict:
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        one = over_http(client, "kit")
+        one = over_http(client, model)
         await run_clients(requests[:4], 4, one)  # warm-up
         wall, samples = await run_clients(requests, concurrency, one)
     expected = sum(r.max_tokens for r in requests)
@@ -122,25 +106,23 @@ def main() -> None:
     emit(args.rows_out, {"step": "prepare", "seconds": round(prepare_s, 1), "shape": args.shape, "encoding": "bit"})
     started = time.perf_counter()
     log = args.work / "server.log"
-    server, url = start_server(args, sft_dir, delta_dir, log)
-    emit(args.rows_out, {"step": "start", "seconds": round(time.perf_counter() - started, 1), "url": url})
+    server = start_expo("server", ["--sft", str(sft_dir), "--delta", str(delta_dir)], log, "--device", args.device,
+                        "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency), "--max-model-len", "1024",
+                        "--kv-cache-gib", str(args.kv_cache_gib), timeout_s=args.start_timeout)
+    emit(args.rows_out, {"step": "start", "seconds": round(time.perf_counter() - started, 1), "url": server.url})
     try:
-        emit(args.rows_out, openai_chat(url))
+        emit(args.rows_out, openai_chat(server.url, server.model))
         from transformers import AutoTokenizer
 
         from expo_serve.demo.pair import load_preferences
 
         corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
         requests = make_workload(AutoTokenizer.from_pretrained(sft_dir), args.requests, 0, corpus)
-        figures = asyncio.run(load(url, requests, args.concurrency))
+        figures = asyncio.run(load(server.url, server.model, requests, args.concurrency))
         emit(args.rows_out, {"step": "load", "requests": args.requests, "concurrency": args.concurrency,
                              "output_tokens": sum(r.max_tokens for r in requests), **figures})
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
         print(log.read_text()[-3000:], file=sys.stderr)
 
 

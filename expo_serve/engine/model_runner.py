@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import head_dim_of
-from ..model.context import StepContext, set_context
 from expo_kernels.torch_path import MERGE_MIN_ROWS
 
+from ..model.attention import head_dim_of
+from ..model.context import StepContext, set_context
 from ..model.loader import LoadedModel
 from .alpha_cache import AlphaCache
 from .outputs import TokenLogprob

@@ -7,6 +7,7 @@ ExPO layer combines W and Δ per row; the attention metadata says where each row
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -37,9 +38,10 @@ class StepContext:
         return replace(self, alpha=self.alpha.index_select(0, index), scale=self.scale.index_select(0, index),
                        row_slots=slots, _masks={})
 
-    @property
+    @cached_property
     def segments(self) -> list[tuple[int, int, int | None]] | None:
-        """Runs of rows sharing a slot, as (start, end, slot); None when no row has one."""
+        """Runs of rows sharing a slot, as (start, end, slot); None when no row has one. Worked
+        out once per context: every linear layer of the step asks."""
         if self.row_slots is None:
             return None
         runs: list[tuple[int, int, int | None]] = []

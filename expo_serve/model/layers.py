@@ -41,7 +41,10 @@ def linear_by_alpha(x: torch.Tensor, fused: Callable[[torch.Tensor, torch.Tensor
 
 
 def merge_at(weight: torch.Tensor, delta: EncodedDelta, alpha: float) -> torch.Tensor:
-    """W + (1+α)·Δ in float32 by the reference merge's formula, stored in W's dtype."""
+    """W + (1+α)·Δ in float32 by the reference merge's formula, stored in W's dtype; W itself
+    where Δ is zero (what the formula gives, without a copy)."""
+    if delta.encoding == "zero":
+        return weight
     return expo_merge_tensor(weight, delta, alpha).to(weight.dtype)
 
 
@@ -93,11 +96,9 @@ class ExpoLinear(nn.Module):
         return expo_linear(x, self.weight, self.delta, alpha, bias=self.bias, delta_bias=self.delta_bias)
 
     def fill_alpha_slot(self, slot: int, alpha: float) -> None:
-        bias = None
-        if self.bias is not None:
-            delta_bias = DenseDelta(shape=tuple(self.bias.shape), delta=self.delta_bias) if self.delta_bias is not None \
-                else ZeroDelta(shape=tuple(self.bias.shape))
-            bias = merge_at(self.bias, delta_bias, alpha)
+        bias = self.bias
+        if self.delta_bias is not None:
+            bias = merge_at(self.bias, DenseDelta(shape=tuple(self.bias.shape), delta=self.delta_bias), alpha)
         self.merged[slot] = (merge_at(self.weight, self.delta, alpha), bias)
 
     @property
