@@ -72,7 +72,7 @@ async def run_clients(requests: list[Request], concurrency: int, one) -> tuple[f
 
 # -- (a) the engine in-process ------------------------------------------------------------------------
 def in_process(engine):
-    from expo_serve.engine.sampling_params import SamplingParams
+    from expo_serve.engine.request import SamplingParams
 
     async def one(r: Request) -> Sample:
         sample, sent = Sample(), time.perf_counter()

@@ -11,7 +11,7 @@ def __getattr__(name):
 
         return LLM
     if name == "SamplingParams":
-        from .engine.sampling_params import SamplingParams
+        from .engine.request import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'expo_serve' has no attribute {name!r}")

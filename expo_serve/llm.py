@@ -4,8 +4,7 @@ from __future__ import annotations
 from typing import Sequence as Seq
 
 from .engine.llm_engine import EngineConfig, LLMEngine
-from .engine.outputs import RequestOutput
-from .engine.sampling_params import SamplingParams
+from .engine.request import RequestOutput, SamplingParams
 
 
 class LLM:

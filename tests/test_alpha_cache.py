@@ -1,4 +1,4 @@
-"""The α cache (engine/alpha_cache.py): merged weights for the hot α values.
+"""The α cache (engine/model_runner.py, AlphaCache): merged weights for the hot α values.
 
 Exactness as everywhere (greedy tokens of HF transformers on the float32 reference merge), plus:
 rows served from the cache are the merged checkpoint's rows bit for bit; tokens do not depend on
@@ -16,7 +16,7 @@ from expo_serve.delta.build import build_delta
 from expo_serve.delta.merge import merge
 from expo_serve.delta.sources import open_source
 from expo_serve.delta.store import DeltaCheckpoint
-from expo_serve.engine.alpha_cache import AlphaCache
+from expo_serve.engine.model_runner import AlphaCache
 
 ALPHAS = [-1.0, 0.0, 0.3, 2.5]
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of", "def add(a, b):\n    return",

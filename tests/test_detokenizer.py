@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from expo_serve import LLM, SamplingParams
-from expo_serve.engine.sampling_params import SamplingParams as Params
-from expo_serve.engine.sequence import Sequence
+from expo_serve.engine.request import SamplingParams as Params, Sequence
 
 
 def byte_tokens(tokenizer, text: str) -> list[int]:

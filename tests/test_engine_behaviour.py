@@ -7,7 +7,7 @@ import pytest
 
 from expo_serve import LLM, SamplingParams
 from expo_serve.engine.async_engine import AsyncEngine
-from expo_serve.engine.sampling_params import InvalidRequest
+from expo_serve.engine.request import InvalidRequest
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 OTHERS = ["Hello world! How are you", "Paris is the capital of France.", "def add(a, b):", "Numbers: 0 1 2 3"]

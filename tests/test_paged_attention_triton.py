@@ -18,8 +18,8 @@ finally:
 import pytest
 import torch
 
-from expo_serve.model.attention import PagedAttention
-from expo_serve.model.context import StepContext, set_context
+from expo_serve.model.layers import StepContext, set_context
+from expo_serve.model.llama import PagedAttention
 
 if not isinstance(_paged_decode_kernel, InterpretedFunction):
     pytest.skip("triton was imported for a GPU earlier in this process, so it cannot interpret; "

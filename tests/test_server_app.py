@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
-from expo_serve.engine.sampling_params import SamplingParams
+from expo_serve.engine.request import SamplingParams
 from expo_serve.server.app import create_app
 from expo_serve.server.battle import pair_generator
 from expo_serve.server.settings import ServerSettings

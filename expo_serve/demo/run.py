@@ -33,7 +33,7 @@ def demo_delta(pair, home: Path | None = None) -> Path:
 
 def show_answers(llm, prompts: list[str], alphas=SHOW_ALPHAS, max_tokens: int = 96) -> list[list[str]]:
     """Greedy answers, one batch mixing every α; printed prompt by prompt."""
-    from ..engine.sampling_params import SamplingParams
+    from ..engine.request import SamplingParams
 
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in alphas]
     params = [SamplingParams(alpha=a, max_tokens=max_tokens, temperature=0.0) for _ in prompts for a in alphas]

@@ -19,8 +19,7 @@ from typing import AsyncIterator
 import torch
 
 from .llm_engine import EngineStats, LLMEngine
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .request import RequestOutput, SamplingParams
 
 log = logging.getLogger("expo_serve.engine")
 

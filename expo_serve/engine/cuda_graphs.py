@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.context import StepContext, set_context
+from ..model.layers import StepContext, set_context
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:

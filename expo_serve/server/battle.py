@@ -7,7 +7,7 @@ from typing import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.request import SamplingParams
 from .alpha import AlphaChoice, expo_of
 from .protocol import ChatMessage
 from .serving import ServingContext

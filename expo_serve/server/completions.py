@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
-from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.request import CompletionOutput, RequestOutput
 from .errors import invalid
 from .generation import Job
 from .logprobs import completion_logprobs

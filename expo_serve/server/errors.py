@@ -17,7 +17,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api_common import describe, envelope, error_type, unparsable_body
-from ..engine.sampling_params import InvalidRequest
+from ..engine.request import InvalidRequest
 from .disconnect import ClientDisconnected
 
 log = logging.getLogger("expo_serve.server")

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
-from ..engine.outputs import RequestOutput
-from ..engine.sampling_params import SamplingParams
+from ..engine.request import RequestOutput, SamplingParams
 from .alpha import AlphaChoice
 from .metrics import RequestTracker
 

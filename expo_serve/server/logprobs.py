@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..engine.outputs import TokenLogprob
+from ..engine.request import TokenLogprob
 from .protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 FLOOR = -9999.0

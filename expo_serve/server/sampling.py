@@ -1,7 +1,7 @@
 """A request body's sampling fields -> the engine's SamplingParams (which checks their ranges)."""
 from __future__ import annotations
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.request import SamplingParams
 from .errors import invalid
 from .protocol import GenerationRequest
 

@@ -18,8 +18,7 @@ from pydantic import BaseModel
 
 from ..api_common import quote
 from ..engine.async_engine import AsyncEngine
-from ..engine.outputs import RequestOutput
-from ..engine.sampling_params import SamplingParams
+from ..engine.request import RequestOutput, SamplingParams
 from .admission import AdmissionGate, Ticket
 from .alpha import AlphaChoice, AlphaPolicy, Outcome, alpha_header, expo_of
 from .disconnect import ClientDisconnected, unless_disconnected
