@@ -24,6 +24,8 @@ from pathlib import Path
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N): q/o, k/v, gate/up, down
 ROWS = [1, 4, 16, 64, 256, 2048]
 ENCODINGS = ["dense", "int8", "int4", "bit", "lowrank"]
+# The four α a batch mixes (the first four of tests/kernel_cases.py's ALPHAS): 0.3, SFT, aligned, 25.
+ALPHAS = (0.3, -1.0, 0.0, 25.0)
 CPU_SHAPES = [(320, 192)]
 CPU_ROWS = [3, 80]  # one decode batch, one prefill batch
 # The goals for bf16 on an H100/H200 (issue 9): decode (M <= 16) ratio to the merged GEMM, and >= 70%
@@ -53,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # run 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from expo_kernels import LowRankDelta, encode_delta, expo_linear  # noqa: E402
-from expo_kernels.testing import ALPHAS  # noqa: E402
 
 
 def alpha_rows(m: int, device) -> torch.Tensor:

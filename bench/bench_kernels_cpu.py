@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # run 
 
 import torch  # noqa: E402
 from expo_kernels import LowRankDelta, encode_delta, expo_linear  # noqa: E402
-from expo_kernels.testing import ALPHAS  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (K, N): q/o, k/v, gate/up, down
 ROWS = [1, 16, 64, 256]
 ENCODINGS = ["dense", "int8", "int4", "bit", "lowrank"]
+# The four α a batch mixes (the first four of tests/kernel_cases.py's ALPHAS): 0.3, SFT, aligned, 25.
+ALPHAS = (0.3, -1.0, 0.0, 25.0)
 
 
 def alpha_rows(m: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1 would interpret the kernels instead of compiling them", allow_module_level=True)
 
 from expo_kernels import expo_linear, reference_linear, triton_decode, triton_prefill  # noqa: E402
-from expo_kernels.testing import (  # noqa: E402
+from kernel_cases import (  # noqa: E402
     TOLERANCE,
     kernel_args,
     make_problem,

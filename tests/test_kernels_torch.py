@@ -9,11 +9,11 @@ from expo_kernels import (
     DenseDelta,
     encode_delta,
     expo_linear,
+    linear,
     reference_linear,
-    torch_path,
 )
 from expo_kernels.linear import expo_linear_op
-from expo_kernels.testing import (
+from kernel_cases import (
     TOLERANCE,
     kernel_args,
     make_problem,
@@ -63,10 +63,10 @@ def test_merged_products_serve_shared_alpha(monkeypatch):
     """Rows whose α has >= MERGE_MIN_ROWS rows take one product on W + (1+α)Δ; the rest take two."""
     calls = []
     for fn in ("_merged_product", "_two_products"):
-        real = getattr(torch_path, fn)
-        monkeypatch.setattr(torch_path, fn, lambda x, *a, _real=real, _fn=fn: calls.append((_fn, x.shape[0])) or _real(x, *a))
+        real = getattr(linear, fn)
+        monkeypatch.setattr(linear, fn, lambda x, *a, _real=real, _fn=fn: calls.append((_fn, x.shape[0])) or _real(x, *a))
     x, w, d, bias, delta_bias = problem(100, torch.float32, "dense")
-    big = torch_path.MERGE_MIN_ROWS
+    big = linear.MERGE_MIN_ROWS
     cases = [
         (torch.full((100,), 0.5), [("_merged_product", 100)]),
         (runs_alpha([big, 100 - big]), [("_merged_product", big), ("_merged_product", 100 - big)]),
@@ -114,22 +114,22 @@ def test_leading_dims_scalar_alpha_and_encoded_delta_bias():
 
 def test_dense_cache_follows_the_delta():
     x, w, d, _, _ = problem(2, torch.float32, "int4")
-    first = torch_path.dense_delta(d, torch.float32)
-    assert torch_path.dense_delta(d, torch.float32) is first
+    first = linear.dense_delta(d, torch.float32)
+    assert linear.dense_delta(d, torch.float32) is first
     assert torch.equal(first, d.dequantize(torch.float32))
     # an in-place change to a stored part is seen
     d.scale.mul_(2.0)
-    again = torch_path.dense_delta(d, torch.float32)
+    again = linear.dense_delta(d, torch.float32)
     assert again is not first and torch.equal(again, d.dequantize(torch.float32))
     assert_close_to_reference(expo_linear(x, w, d, mixed_alpha(2)), x, w, d, mixed_alpha(2), None, None)
     # and the decoded copy goes when the delta does
     key = id(d)
     del d
     gc.collect()
-    assert key not in torch_path._DENSE_CACHE
+    assert key not in linear._DENSE_CACHE
     # a dense delta of the compute dtype is used as it is
     dense = encode_delta(torch.randn(4, 4), "dense")
-    assert torch_path.dense_delta(dense, torch.float32) is dense.delta
+    assert linear.dense_delta(dense, torch.float32) is dense.delta
 
 
 def test_off_cpu_torch_path_is_shape_only():
@@ -139,7 +139,7 @@ def test_off_cpu_torch_path_is_shape_only():
         x, w, d, bias, delta_bias = problem(64, torch.float32, name)
         d = d.to("meta")
         meta = [t.to("meta") for t in (x, w, runs_alpha([40, 24]), bias, delta_bias)]
-        y = torch_path.torch_linear(meta[0], meta[1], *kernel_args(d), meta[2], meta[3], meta[4])
+        y = linear.torch_linear(meta[0], meta[1], *kernel_args(d), meta[2], meta[3], meta[4])
         assert y.shape == (64, N) and y.device.type == "meta"
 
 
@@ -168,7 +168,7 @@ def test_argument_checks():
 def test_custom_op_registration(name):
     """The op's schema, fake (meta) implementation and dispatch agree (torch.library.opcheck)."""
     x, w, d, bias, delta_bias = problem(5, torch.float32, name)
-    args = (x, w, *kernel_args(d), mixed_alpha(5), bias, delta_bias, None, "torch")
+    args = (x, w, *kernel_args(d), mixed_alpha(5), bias, delta_bias, "torch")
     torch.library.opcheck(expo_linear_op, args)
     assert_close_to_reference(expo_linear_op(*args), x, w, d, mixed_alpha(5), bias, delta_bias)
 
@@ -177,7 +177,7 @@ def test_bit_delta_through_the_op_uncached():
     """Called as the op (as under torch.compile), packed codes are decoded on the spot."""
     x, w, d, _, _ = problem(4, torch.float32, "bit")
     assert isinstance(d, BitDelta) and not isinstance(d, DenseDelta)
-    y = expo_linear_op(x, w, *kernel_args(d), mixed_alpha(4), None, None, None, "torch")
+    y = expo_linear_op(x, w, *kernel_args(d), mixed_alpha(4), None, None, "torch")
     assert_close_to_reference(y, x, w, d, mixed_alpha(4), None, None)
 
 

@@ -30,7 +30,7 @@ finally:
 
 import triton.language as tl
 from expo_kernels import encode_delta, expo_linear, reference_linear
-from expo_kernels.testing import (
+from kernel_cases import (
     TOLERANCE,
     kernel_args,
     make_problem,
@@ -120,19 +120,6 @@ def test_decode_split_k(dtype, name):
     x, w, d, bias, delta_bias = problem(17, dtype, name)
     alpha = mixed_alpha(17)
     check(run_kernel("decode", x, w, d, alpha, bias, delta_bias, split_k=3), x, w, d, alpha, bias, delta_bias)
-
-
-@pytest.mark.parametrize("name", ["dense", "int8", "lowrank"])
-def test_prefill_row_order_groups_scattered_alpha(name):
-    """Two requests' rows interleaved at random: the permutation from alpha_row_order makes each
-    32-row tile one α again (merged products), and results still land in the caller's row order."""
-    x, w, d, bias, delta_bias = problem(64, torch.float32, name)
-    alpha = runs_alpha([32, 32])[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
-    order = triton_prefill.alpha_row_order(alpha)
-    assert sorted(order.tolist()) == list(range(64))
-    assert torch.equal(alpha[order], alpha.sort(stable=True).values)
-    out = run_kernel("prefill", x, w, d, alpha, bias, delta_bias, row_order=order)
-    check(out, x, w, d, alpha, bias, delta_bias)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, computing with the NaN row

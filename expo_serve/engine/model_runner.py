@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from expo_kernels.torch_path import MERGE_MIN_ROWS
+from expo_kernels.linear import MERGE_MIN_ROWS
 
 from ..model.layers import StepContext, set_context
 from ..model.llama import head_dim_of

@@ -46,7 +46,7 @@ from .triton_common import (
 # Autotuned on the GPU; BLOCK_M, BLOCK_N and SPLIT_K are fixed by the host (they decide the grid).
 # (BLOCK_K, num_warps, num_stages): the kernel is a stream of weight tiles, so the choice is how many
 # bytes stay in flight. Each compiles for sm_90 without spills at BLOCK_M = 16 and 64 (checked
-# offline: python -m expo_kernels.compile_report --all; 256-wide int4 tiles spill with 4 warps).
+# offline: python bench/compile_report.py --all; 256-wide int4 tiles spill with 4 warps).
 # Kept short: every config is a compile per encoding and BLOCK_M at first use.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)

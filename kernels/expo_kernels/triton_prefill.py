@@ -12,11 +12,7 @@ How rows are grouped by α, without the host ever reading α:
   work, the decode kernel's cost, whatever the mix (so a decode-sized batch of many α routed here
   costs no more than 2x).
 - With the batch laid out by request, only the tiles where two requests of different α meet are
-  mixed: at most (requests - 1) of the row tiles. Requests with equal α that are not adjacent are
-  joined by `row_order`, a permutation of the rows through which the tile gathers x and scatters y
-  (free: the loads are row-indexed anyway). The engine builds it once per step with
-  `alpha_row_order` (a stable argsort on the device, no sync) and every layer reuses it; then at
-  most (distinct α - 1) row tiles are mixed: for 4 A/B arms and 2048 rows in 128-row tiles, 3 of 16.
+  mixed: at most (requests - 1) of the row tiles.
 - So there is no segment table, no host sync and no data-dependent grid: a launch can be captured
   in a CUDA graph and replayed with any α.
 - A row whose α is not finite takes no part and comes out NaN; the other rows are not affected.
@@ -52,7 +48,7 @@ from .triton_decode import bias_only
 # for sm_90 without spills for every encoding in 16-bit dtypes, but for lowrank at 128x256 (48 B,
 # in the once-per-tile epilogue). Tried and dropped: 64x256 (spills in the two-product form),
 # 256x128 and 128x128x128 (spill or overflow shared memory), 4 warps at 128x128 (spills).
-# python -m expo_kernels.compile_report --all shows them.
+# python bench/compile_report.py --all shows them.
 _GPU_TILES = [
     (128, 128, 64, 8, 3),
     (128, 256, 32, 8, 4),
@@ -91,7 +87,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit(do_not_specialize=["M"])
 def _expo_prefill_kernel(
     # tensors
-    x_ptr, w_ptr, d0_ptr, d1_ptr, alpha_ptr, order_ptr, bias_ptr, dbias_ptr, out_ptr,
+    x_ptr, w_ptr, d0_ptr, d1_ptr, alpha_ptr, bias_ptr, dbias_ptr, out_ptr,
     # sizes: x [M, K], weight [N, K], lowrank rank R; m_bucket only keys the autotuner
     M, N, K, R, m_bucket,
     # strides, in elements
@@ -104,8 +100,7 @@ def _expo_prefill_kernel(
     DELTA: tl.constexpr,  # "dense" | "int8" | "int4" | "bit" | "lowrank"
     GROUP_SIZE: tl.constexpr,  # int4 group along K
     R_BLOCK: tl.constexpr,  # lowrank rank padded to a power of 2 >= 16
-    # rows and epilogue
-    HAS_ORDER: tl.constexpr,  # tile row i is x row order[i]
+    # epilogue
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
     DOT: tl.constexpr,  # see triton_common.dot_mode
     # tiling
@@ -127,14 +122,10 @@ def _expo_prefill_kernel(
     lane = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + lane
     m_ok = offs_m < M
-    if HAS_ORDER:
-        rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
-    else:
-        rows = offs_m
-    alpha = tl.load(alpha_ptr + rows, mask=m_ok, other=0.0)
+    alpha = tl.load(alpha_ptr + offs_m, mask=m_ok, other=0.0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    x_rows = x_ptr + rows[None, :] * stride_xm
+    x_rows = x_ptr + offs_m[None, :] * stride_xm
     w_rows = w_ptr + offs_n[:, None] * stride_wn
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -146,10 +137,9 @@ def _expo_prefill_kernel(
             w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = mma(w.to(DT), xt, acc, DOT)
         # + b·((1+α)·t)ᵀ into the same accumulator (a second one would spill at 128x256 tiles).
-        # t rows are in x's order, so they are read through `rows` too.
         offs_r = tl.arange(0, R_BLOCK)
         r_ok = offs_r < R
-        t = tl.load(d0_ptr + rows[None, :] * stride_d0a + offs_r[:, None] * stride_d0b,
+        t = tl.load(d0_ptr + offs_m[None, :] * stride_d0a + offs_r[:, None] * stride_d0b,
                     mask=m_ok[None, :] & r_ok[:, None], other=0.0)
         t = (t.to(tl.float32) * (1.0 + alpha)[None, :]).to(DT)
         b = tl.load(d1_ptr + offs_n[:, None] * stride_d1a + offs_r[None, :] * stride_d1b,
@@ -199,23 +189,16 @@ def _expo_prefill_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     acc = tl.where(row_ok[None, :], acc, float("nan"))
-    out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None] * stride_on
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 _expo_prefill_tuned = triton.autotune(
     configs=_GPU_CONFIGS + _FP32_CONFIGS,
-    key=["m_bucket", "N", "K", "DELTA", "GROUP_SIZE", "R_BLOCK", "HAS_ORDER"],
+    key=["m_bucket", "N", "K", "DELTA", "GROUP_SIZE", "R_BLOCK"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )(_expo_prefill_kernel)
-
-
-def alpha_row_order(alpha_rows: torch.Tensor) -> torch.Tensor:
-    """A row permutation (int32 [M]) that makes rows of equal α adjacent, keeping their order
-    otherwise. Computed on the device without a sync; build it once per step and pass it to every
-    layer as `row_order`."""
-    return torch.sort(alpha_rows, stable=True).indices.to(torch.int32)
 
 
 def prefill_linear(
@@ -228,16 +211,13 @@ def prefill_linear(
     bias: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     *,
-    row_order: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x·(W + (1+α)·Δ)ᵀ (+ biases): a merged product per tile of one α, two otherwise.
 
-    Arguments as for triton_decode.decode_linear, plus `row_order`: None, or a permutation of
-    range(M) (int32 or int64, on x's device) that puts rows of equal α next to each other (see the
-    module docstring; it is not checked, since that would read the device). `config` holds
-    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps and num_stages; without it the GPU autotunes.
+    Arguments as for triton_decode.decode_linear. `config` holds BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    num_warps and num_stages; without it the GPU autotunes.
     Never synchronises with the device.
     """
     m, k = x.shape
@@ -253,18 +233,14 @@ def prefill_linear(
         return bias_only(out, alpha_rows, bias, delta_bias)
     d0, d0_strides = ops.d0, ops.d0_strides
     if encoding == "lowrank":
-        # The shrink product, once for the batch; its rows stay in x's order.
+        # The shrink product, once for the batch.
         d0 = torch.matmul(x, ops.d0.to(x.dtype).t())
         d0_strides = (d0.stride(0), d0.stride(1))
     check_offsets(x, weight, d0, ops.d1, out)
-    if row_order is not None:
-        if row_order.shape != (m,) or row_order.device != x.device:
-            raise ValueError(f"row_order must be a permutation of range({m}) on {x.device}")
-        row_order = row_order.to(torch.int32)
 
     dummy = alpha_rows  # stands in for absent optional tensors; never read
     args = (
-        x, weight, d0, ops.d1, alpha_rows, row_order if row_order is not None else dummy,
+        x, weight, d0, ops.d1, alpha_rows,
         bias if bias is not None else dummy, delta_bias if delta_bias is not None else dummy, out,
         m, n, k, ops.rank, min(4096, max(16, triton.next_power_of_2(m))),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -274,7 +250,6 @@ def prefill_linear(
         DELTA=encoding,
         GROUP_SIZE=group_size if encoding == "int4" else 0,
         R_BLOCK=rank_block(ops.rank) if encoding == "lowrank" else 16,
-        HAS_ORDER=row_order is not None,
         HAS_BIAS=bias is not None, HAS_DBIAS=delta_bias is not None,
         DOT=dot_mode(x.dtype),
     )

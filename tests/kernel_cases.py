@@ -1,9 +1,9 @@
-"""Problems and measures shared by the kernel tests and benchmarks."""
+"""Problems and measures shared by the kernel tests (tests/test_kernels_*.py)."""
 from __future__ import annotations
 
 import torch
 
-from .encode import DEFAULT_RANK, EncodedDelta, LowRankDelta, encode_delta
+from expo_kernels import DEFAULT_RANK, EncodedDelta, LowRankDelta, encode_delta
 
 # ‖out − ref‖ / ‖ref‖ allowed per dtype against the float64 reference fed the same numbers, so it
 # bounds the kernels' own rounding: fp32 accumulation, plus one rounding of the output (and of a

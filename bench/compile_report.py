@@ -1,8 +1,8 @@
 """Compile the Triton kernels for an H100 (sm_90) on a machine without a GPU, and report what the
 compiler made of them: registers, spills, shared memory, and whether the products run on wgmma.
 
-    python -m expo_kernels.compile_report            # one config per kernel and encoding
-    python -m expo_kernels.compile_report --all      # every autotune config, at every decode BLOCK_M
+    python bench/compile_report.py            # one config per kernel and encoding
+    python bench/compile_report.py --all      # every autotune config, at every decode BLOCK_M
 
 Each kernel is given the specialisations a real launch gets (16-byte aligned pointers, unit strides
 as constants, other strides and N, K divisible by 16), since without them Triton neither vectorises
@@ -18,6 +18,9 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # run from a bare checkout too
 
 ENCODINGS = ("dense", "int8", "int4", "bit", "lowrank")
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_d0b", "stride_d1b", "stride_on"}
@@ -45,7 +48,7 @@ def _pointer_types(encoding: str, dtype: str) -> dict[str, str]:
     d0 = {"dense": t, "int8": "i8", "int4": "u8", "bit": "u8", "lowrank": t}[encoding]
     d1 = t if encoding in ("dense", "lowrank") else "fp32"
     return dict(x_ptr=f"*{t}", w_ptr=f"*{t}", d0_ptr=f"*{d0}", d1_ptr=f"*{d1}", alpha_ptr="*fp32",
-                bias_ptr=f"*{t}", dbias_ptr=f"*{t}", out_ptr=f"*{t}", order_ptr="*i32")
+                bias_ptr=f"*{t}", dbias_ptr=f"*{t}", out_ptr=f"*{t}")
 
 
 def _compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
@@ -87,7 +90,7 @@ def _resources(compiled) -> tuple[int, int]:
 
 def compile_kernel(kernel: str, encoding: str, dtype: str, config, block_m: int = 16) -> Report:
     """Compile one kernel variant (`config` a triton.Config from the kernel's autotune list)."""
-    from . import triton_decode, triton_prefill
+    from expo_kernels import triton_decode, triton_prefill
 
     common = dict(DELTA=encoding, GROUP_SIZE=128 if encoding == "int4" else 0, R_BLOCK=64,
                   HAS_BIAS=True, HAS_DBIAS=True, DOT="ieee" if dtype == "fp32" else "tc")
@@ -96,7 +99,7 @@ def compile_kernel(kernel: str, encoding: str, dtype: str, config, block_m: int 
         constexprs = dict(common, SPLIT_K=1, BLOCK_M=block_m, BLOCK_N=64, **config.kwargs)
     else:
         fn = triton_prefill._expo_prefill_kernel
-        constexprs = dict(common, HAS_ORDER=False, **config.kwargs)
+        constexprs = dict(common, **config.kwargs)
     compiled = _compile(fn, _pointer_types(encoding, dtype), constexprs, config.num_warps, config.num_stages)
     registers, spills = _resources(compiled)
     tiles = {k: v for k, v in constexprs.items() if k.startswith("BLOCK")}
@@ -107,7 +110,7 @@ def compile_kernel(kernel: str, encoding: str, dtype: str, config, block_m: int 
 
 def variants(everything: bool):
     """(kernel, encoding, dtype, config, block_m) to compile."""
-    from . import triton_decode, triton_prefill
+    from expo_kernels import triton_decode, triton_prefill
 
     for encoding in ENCODINGS:
         decode_configs = triton_decode._GPU_CONFIGS if everything else triton_decode._GPU_CONFIGS[:1]
