@@ -104,9 +104,9 @@ def test_invalid_requests_are_clear_errors(llm):
         llm.generate([PROMPT], SamplingParams(alpha=26.0))
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         llm.generate([[1, 2, 99999]], _greedy(0.0))
-    for bad in (float("nan"), float("inf"), "0.3", True):
+    for bad in (float("nan"), float("inf"), "0.3", True):  # the engine judges α (AlphaRange.check)
         with pytest.raises(InvalidRequest) as err:
-            SamplingParams(alpha=bad)
+            llm.generate([PROMPT], SamplingParams(alpha=bad))
         assert err.value.param == "alpha"
     assert not llm.engine.has_unfinished() and llm.engine.requests == {}
 

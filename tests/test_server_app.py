@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from expo_serve.engine.request import SamplingParams
 from expo_serve.server.app import create_app
-from expo_serve.server.battle import pair_generator
+from expo_serve.server.experiments_wiring import pair_generator
 from expo_serve.server.settings import ServerSettings
 from server_process import sse_events
 
@@ -125,7 +125,7 @@ def test_an_experiment_chooses_alpha_and_hears_the_outcome(engine):
                                   headers={"X-ExPO-Unit": "unit-9"})
             plain = await post("/v1/chat/completions", json=body)
             wild = await post("/v1/chat/completions", json=body | {"user": "wild-1"})
-            await app.state.serving.policy.flush()
+            await app.state.serving.reports.flush()
             return bold, direct, streamed, plain, wild
 
     bold, direct, streamed, plain, wild = asyncio.run(scenario())

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from expo_serve.cli import build_parser
 from expo_serve.server.errors import install_error_handlers
+from expo_serve.server.middleware import UnexpectedErrorMiddleware
 from expo_serve.server.settings import ServerSettings, settings_from_args
 from server_process import CLEAN_EXIT, ServerProcess, serve_command
 
@@ -232,6 +233,7 @@ def test_openapi_states_the_rules_it_can(http):
 def test_an_unexpected_exception_is_a_500_envelope_and_the_connection_serves_on():
     app = FastAPI()
     install_error_handlers(app)
+    app.add_middleware(UnexpectedErrorMiddleware)
 
     @app.get("/boom")
     async def boom():

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from expo_serve.experiments import ExperimentService, open_store
 from expo_serve.experiments.config import parse_experiment
 from expo_serve.server.app import create_app
-from expo_serve.server.auth import COOKIE, LOGIN_PATH, OPEN, is_open
+from expo_serve.server.middleware import COOKIE, LOGIN_PATH, OPEN, is_open
 from expo_serve.server.experiments_wiring import mount_experiments
 from expo_serve.server.settings import ServerSettings
 from server_process import ServerProcess, serve_command

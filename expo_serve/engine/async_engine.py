@@ -4,6 +4,10 @@ All engine state is touched only by the engine thread. Callers send commands (ad
 a queue and receive outputs on their own asyncio queue. A caller that stops iterating (a client
 gone, a task cancelled) aborts its request, and the abort frees its KV blocks at the start of the
 next step.
+
+A RequestGroup runs several engine requests together and reads them as one stream: a server's
+request becomes one engine request per prompt and per α (an α sweep's values share the engine's
+batches).
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ import threading
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
 from .llm_engine import EngineStats, LLMEngine
-from .request import RequestOutput, SamplingParams
+from .request import AlphaRange, RequestOutput, SamplingParams
 
 log = logging.getLogger("expo_serve.engine")
 
@@ -47,6 +51,18 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def alpha_range(self) -> AlphaRange:
+        return self.engine.config.alpha
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
     def stats(self) -> EngineStats:
         """The counts after the last step (safe to read from any thread)."""
@@ -156,3 +172,78 @@ class AsyncEngine:
             sink.put(output)
             if output.finished:
                 del self._sinks[output.request_id]
+
+
+class RequestGroup:
+    """Engine requests run together and read as one stream, each request known by its index.
+
+    `start()` returns once every request has been accepted and has produced a first output, so a
+    request the engine refuses (InvalidRequest) is raised before any response has begun. `close()`
+    aborts whatever has not finished; it never awaits, so it is safe in the clean-up of a task that
+    is being cancelled because its client has gone. `on_output(index, output)` sees every output
+    as it arrives (the server times requests with it)."""
+
+    def __init__(self, engine: AsyncEngine, requests: list[tuple[str, str | list[int], SamplingParams]],
+                 on_output: Callable[[int, RequestOutput], None] | None = None):
+        self.engine = engine
+        self.requests = requests  # (request id, prompt, params)
+        self.latest: list[RequestOutput | None] = [None] * len(requests)
+        self._on_output = on_output
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._ready: list[tuple[int, RequestOutput]] = []
+
+    def finished(self, index: int) -> bool:
+        return self.latest[index] is not None and self.latest[index].finished
+
+    async def start(self) -> None:
+        """Submit every request; return when each has its first output. Raises the first refusal."""
+        self._tasks = [asyncio.create_task(self._pump(index)) for index in range(len(self.requests))]
+        try:
+            while any(latest is None for latest in self.latest):
+                index, item = await self._queue.get()
+                self._ready.append((index, self._take(index, item)))
+        except BaseException:
+            self.close()
+            raise
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every output of every request, in arrival order, until all have finished."""
+        ready, self._ready = self._ready, []
+        for index, output in ready:
+            yield index, output
+        while not all(self.finished(i) for i in range(len(self.requests))):
+            index, item = await self._queue.get()
+            yield index, self._take(index, item)
+
+    async def run(self) -> list[RequestOutput]:
+        """Wait for every request to finish; their final outputs, in order."""
+        async for _ in self.outputs():
+            pass
+        return list(self.latest)
+
+    def close(self) -> None:
+        """Abort the requests that have not finished; their KV blocks are freed at the engine's next step."""
+        for task in self._tasks:
+            task.cancel()
+        for index, (request_id, _, _) in enumerate(self.requests):
+            if not self.finished(index):
+                self.engine.abort(request_id)
+
+    def _take(self, index: int, item: RequestOutput | BaseException) -> RequestOutput:
+        if isinstance(item, BaseException):
+            raise item
+        self.latest[index] = item
+        if self._on_output is not None:
+            self._on_output(index, item)
+        return item
+
+    async def _pump(self, index: int) -> None:
+        request_id, prompt, params = self.requests[index]
+        try:
+            async for output in self.engine.generate(prompt, params, request_id):
+                self._queue.put_nowait((index, output))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # InvalidRequest before the first output, or a failed engine step
+            self._queue.put_nowait((index, exc))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model.loader import LoadedModel, load_model
 from .model_runner import ModelRunner, auto_kv_cache_bytes, default_alpha_cache_bytes, kv_bytes_per_block
-from .request import (InvalidRequest, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprob,
+from .request import (AlphaRange, InvalidRequest, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprob,
                       top_logprobs)
 from .scheduler import BlockManager, Scheduler
 
@@ -33,9 +33,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_bytes or free memory
     kv_cache_bytes: int | None = None
-    alpha_default: float = 0.0
-    alpha_min: float = -1.0
-    alpha_max: float = 25.0
+    alpha: AlphaRange = field(default_factory=AlphaRange)  # the α served, and the default
     enforce_eager: bool = False  # on CUDA, do not capture decode steps in CUDA graphs
     # Merged weights for the hot α values (engine/model_runner.py, AlphaCache). Default: on a CPU, where the
     # second product costs in full, up to 2 GiB (at most an eighth of available memory); on CUDA
@@ -43,8 +41,6 @@ class EngineConfig:
     alpha_cache_bytes: int | None = None
 
     def __post_init__(self):
-        if not self.alpha_min <= self.alpha_default <= self.alpha_max:
-            raise ValueError(f"the default alpha {self.alpha_default} is outside [{self.alpha_min}, {self.alpha_max}]")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -88,15 +84,9 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager,
                                   alpha_cache_bytes=cache_bytes)
         self.requests: dict[str, _Request] = {}
-        self._vocab_size = int(self.loaded.config.vocab_size)
+        self.vocab_size = int(self.loaded.config.vocab_size)
 
     # -- requests ----------------------------------------------------------------------------
-    def resolve_alpha(self, alpha: float | None) -> float:
-        value = self.config.alpha_default if alpha is None else float(alpha)
-        if not self.config.alpha_min <= value <= self.config.alpha_max:
-            raise InvalidRequest(f"alpha must be in [{self.config.alpha_min}, {self.config.alpha_max}], got {value}", "alpha")
-        return value
-
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=False))
@@ -105,16 +95,16 @@ class LLMEngine:
         return None, ids
 
     def _check_vocabulary(self, ids: list[int], param: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0 to {self._vocab_size - 1})", param)
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; raises InvalidRequest for what can never be served."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id} is already in use", "request_id")
-        alpha = self.resolve_alpha(params.alpha)
+        alpha = self.config.alpha.check(params.alpha)
         text, ids = self.encode_prompt(prompt)
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")

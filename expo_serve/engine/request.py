@@ -34,9 +34,40 @@ class InvalidRequest(ValueError):
         self.code = code
 
 
+@dataclass(frozen=True)
+class AlphaRange:
+    """The α values an engine serves and the one a request gets when it names none.
+
+    The one owner of α's bounds: the engine's config holds it, the server's settings make it, and
+    `check` is the one place a request's α is judged (LLMEngine.add_request)."""
+
+    default: float = 0.0
+    min: float = -1.0
+    max: float = 25.0
+
+    def __post_init__(self):
+        for name in ("default", "min", "max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"alpha {name} must be a finite number, got {value!r}")
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"the default alpha {self.default:g} is outside [{self.min:g}, {self.max:g}]")
+
+    def check(self, alpha) -> float:
+        """`alpha` (None: the default) as served; InvalidRequest if it is not a number in range."""
+        if alpha is None:
+            return float(self.default)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise InvalidRequest(f"alpha must be a finite number, got {alpha!r}", "alpha", "invalid_alpha")
+        if not self.min <= alpha <= self.max:
+            raise InvalidRequest(f"alpha must be in [{self.min:g}, {self.max:g}], got {alpha:g}", "alpha",
+                                 "alpha_out_of_range")
+        return float(alpha)
+
+
 @dataclass
 class SamplingParams:
-    alpha: float | None = None  # None: the engine's default α
+    alpha: float | None = None  # None: the engine's default α (the engine checks α: AlphaRange)
     max_tokens: int | None = 16  # None: up to the context window, at most default_max_tokens
     default_max_tokens: int | None = None  # a server's cap on requests that give no max_tokens (None: none)
     temperature: float = 1.0  # 0: greedy
@@ -60,8 +91,6 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop]
-        if self.alpha is not None:
-            _check_number("alpha", self.alpha)
         _check_number("temperature", self.temperature, low=0.0)
         _check_number("top_p", self.top_p, low=0.0, high=1.0)
         if self.top_p == 0.0:

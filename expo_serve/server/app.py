@@ -1,18 +1,19 @@
 """create_app: the OpenAI-compatible FastAPI app on a running AsyncEngine.
 
 With `shutdown_engine`, the app stops the engine once uvicorn has drained its requests (the
-runner's case). `app.state.drain` (drain.Drain) is how a shutdown drains: the runner begins it on
+runner's case). `app.state.drain` (middleware.Drain) is how a shutdown drains: the runner begins it on
 SIGTERM or SIGINT and stops uvicorn once it is over.
 
 Middleware, outermost first: the drain (503 to new requests while draining), the API key (checked
 before the body is read, on every path auth.is_open does not name), the body limit (before any
-parsing), then the routes.
+parsing), the last resort for unexpected exceptions (a 500 that keeps the connection), then the
+routes.
 
-Experiments (A/B tests of α) plug in through `experiments` (alpha.Experiments, started and closed
-with the app; None: a request that names no α gets the default one). Their routes and error
+Experiments (A/B tests of α) plug in through `experiments` (serving.Experiments, started and
+closed with the app; None: a request that names no α gets the default one). Their routes and error
 handler are added to the returned app (`app.include_router`, `app.add_exception_handler`): the API
-key covers every path but the open ones (auth.OPEN), added before or after;
-battle.pair_generator(app.state.serving) is the generator their pairwise battles need.
+key covers every path but the open ones (middleware.OPEN), added before or after;
+experiments_wiring.pair_generator(app.state.serving) is the generator their pairwise battles need.
 """
 from __future__ import annotations
 
@@ -23,16 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine
-from .admission import AdmissionGate
-from .alpha import AlphaPolicy, Experiments
-from .auth import ApiKeyMiddleware
-from .drain import Drain, DrainMiddleware
 from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
+from .middleware import (ApiKeyMiddleware, BodyLimitMiddleware, Drain, DrainMiddleware,
+                         UnexpectedErrorMiddleware)
 from .protocol import SERVER_BOUND
-from .routes import router
-from .serving import ServingContext
+from . import generation, routes
+from .serving import AdmissionGate, Experiments, ServingContext
 from .settings import ServerSettings
 
 DESCRIPTION = ("OpenAI-compatible serving of ExPO models, θ_sft + (1+α)·Δ, with α chosen per request: "
@@ -45,9 +43,9 @@ def create_app(settings: ServerSettings, engine: AsyncEngine, *, experiments: Ex
     ctx = ServingContext(
         engine=engine,
         model_name=name,
-        policy=AlphaPolicy(settings.alpha_default, settings.alpha_min, settings.alpha_max, experiments),
         gate=AdmissionGate(settings.max_num_seqs, settings.max_queue),
         metrics=ServerMetrics(engine.stats, name),
+        experiments=experiments,
         stream_grace_s=settings.shutdown_timeout,
         max_tokens_default=settings.max_tokens_default,
     )
@@ -58,7 +56,7 @@ def create_app(settings: ServerSettings, engine: AsyncEngine, *, experiments: Ex
             await experiments.start()
         yield
         ctx.gate.close()
-        await ctx.policy.flush()
+        await ctx.reports.flush()
         if experiments is not None:
             await experiments.close()
         if shutdown_engine:
@@ -69,15 +67,17 @@ def create_app(settings: ServerSettings, engine: AsyncEngine, *, experiments: Ex
     app.state.settings = settings
     app.state.drain = drain = Drain(ctx.gate, settings.shutdown_timeout)
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(generation.router)
+    app.include_router(routes.router)
     # The last one added runs first: the key is checked before a large body is read.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key,
                            metrics_require_key=settings.metrics_require_key)
     app.add_middleware(DrainMiddleware, drain=drain)
-    _document(app, {"token_id": {"maximum": ctx.vocab_size - 1},
-                     "alpha": {"minimum": settings.alpha_min, "maximum": settings.alpha_max}})
+    alpha = engine.alpha_range
+    _document(app, {"token_id": {"maximum": engine.vocab_size - 1}, "alpha": {"minimum": alpha.min, "maximum": alpha.max}})
     return app
 
 

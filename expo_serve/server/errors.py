@@ -7,20 +7,14 @@ connection (uvicorn closes a keep-alive connection when an exception reaches it)
 """
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api_common import describe, envelope, error_type, unparsable_body
 from ..engine.request import InvalidRequest
-from .disconnect import ClientDisconnected
-
-log = logging.getLogger("expo_serve.server")
 
 
 class APIError(Exception):
@@ -41,6 +35,22 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.envelope(), status_code=self.status, headers=self.headers)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
+
+
+RETRY_AFTER_S = 1
+
+
+def shutting_down(close: bool = False, cut: bool = False) -> APIError:
+    """The 503 of a draining server (with `close`, the connection closes after it: the client's
+    next request goes to a fresh connection, on another replica behind a balancer)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} | ({"Connection": "close"} if close else {})
+    message = ("The server reached its shutdown deadline before this request finished; retry on another replica "
+               "or later." if cut else "The server is shutting down; retry on another replica or later.")
+    return APIError(503, message, code="server_shutting_down", headers=headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -75,11 +85,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error.response()
 
     # `Exception` goes to Starlette's outermost ServerErrorMiddleware (it answers, then re-raises),
-    # which sees only failures in the middleware outside _Unexpected.
+    # which sees only failures in the middleware outside middleware.UnexpectedErrorMiddleware
+    # (app.py installs it innermost).
     for kind in (APIError, ClientDisconnected, InvalidRequest, RequestValidationError, StarletteHTTPException,
                  Exception):
         app.add_exception_handler(kind, handle)
-    app.add_middleware(_Unexpected)
 
 
 def _allowed_methods(request: Request) -> str:
@@ -89,31 +99,3 @@ def _allowed_methods(request: Request) -> str:
     allowed = [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
                if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
     return ", ".join(allowed)
-
-
-class _Unexpected:
-    """Any other exception: logged with its traceback and answered with the 500 envelope. Not
-    re-raised (Starlette's ServerErrorMiddleware would, and uvicorn then closes the connection),
-    unless the response had already begun: then closing the connection is the only signal left."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:
-            if started:
-                raise
-            log.exception("%s %r failed", scope.get("method"), scope.get("path"))
-            await from_exception(exc).response()(scope, receive, send)

@@ -2,20 +2,17 @@
 
 Engine gauges (running, waiting, KV-cache usage) are read from the engine when /metrics is
 scraped. Latencies and token counts are observed per engine request as its outputs arrive at
-the server, so they include the time a request spends queued; each carries the A/B `arm` that
-served it ("" where no experiment applies).
+the server (serving.RequestTracker), so they include the time a request spends queued; each
+carries the A/B `arm` that served it ("" where no experiment applies).
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..engine.llm_engine import EngineStats
-from ..engine.request import RequestOutput
-from .alpha import Outcome
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -71,57 +68,3 @@ class ServerMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
-
-    def tracker(self, arm: str | None, arrival: float) -> "RequestTracker":
-        return RequestTracker(self, arm or "", arrival)
-
-
-class RequestTracker:
-    """Times one engine request as its cumulative outputs arrive, and feeds the metrics."""
-
-    def __init__(self, metrics: ServerMetrics, arm: str, arrival: float):
-        self.arrival = arrival
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.finish_reason: str | None = None
-        self.output_tokens = 0
-        self._labels = (metrics.model_name, arm)
-        self._metrics = metrics
-        self._seen: dict[int, tuple[int, float]] = {}  # choice index -> (tokens seen, when the last came)
-        self._prompt_counted = False
-
-    def observe(self, output: RequestOutput, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        m = self._metrics
-        if not self._prompt_counted:
-            m.prompt_tokens.labels(*self._labels).inc(len(output.prompt_token_ids))
-            self._prompt_counted = True
-        itl = m.itl.labels(*self._labels)
-        for choice in output.outputs:
-            seen, last = self._seen.get(choice.index, (0, self.arrival))
-            new = len(choice.token_ids) - seen
-            if new <= 0:
-                continue
-            if self.first_token_at is None:
-                self.first_token_at = now
-                m.ttft.labels(*self._labels).observe(now - self.arrival)
-            elif seen:
-                # One step may bring several tokens of a sequence; spread the gap over them.
-                for _ in range(new):
-                    itl.observe((now - last) / new)
-            self._seen[choice.index] = (seen + new, now)
-            self.output_tokens += new
-            m.generation_tokens.labels(*self._labels).inc(new)
-        if output.finished and self.finished_at is None:
-            self.finished_at = now
-            self.finish_reason = output.outputs[0].finish_reason if output.outputs else None
-            m.e2e.labels(*self._labels).observe(now - self.arrival)
-            for choice in output.outputs:
-                m.finished.labels(*self._labels, choice.finish_reason or "unknown").inc()
-
-    def outcome(self, aborted: bool) -> Outcome:
-        end = self.finished_at if self.finished_at is not None else time.monotonic()
-        return Outcome(latency_s=end - self.arrival,
-                       ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
-                       output_tokens=self.output_tokens, finish_reason=None if aborted else self.finish_reason,
-                       aborted=aborted)

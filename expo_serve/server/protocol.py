@@ -16,7 +16,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic_core import PydanticCustomError
 
 from ..api_common import ErrorInfo, ErrorResponse, Flag, Integer, Number, RequestBody, quote  # noqa: F401 - shared
+from ..engine.request import SamplingParams
 
+# Request fields that map one to one onto SamplingParams; left out (None), the engine's default holds.
+_SAME_NAME = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+              "repetition_penalty", "stop_token_ids")
 MAX_ALPHAS = 8  # an α sweep: one choice per α, all in one batch
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
@@ -106,6 +110,17 @@ class GenerationRequest(RequestBody):
     stream: Flag = False
     stream_options: StreamOptions | None = None
 
+    def sampling_params(self, *, max_tokens: int | None, default_max_tokens: int | None,
+                        logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine parameters of this body, α left for the server to decide. With no `max_tokens`,
+        the engine generates up to `default_max_tokens` (the server's cap), fewer if the window has less room."""
+        options = {name: getattr(self, name) for name in _SAME_NAME if getattr(self, name) is not None}
+        return SamplingParams(alpha=None, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
+                              stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens,
+                              **options)
+
 
 class ContentPart(Permissive):
     """Only text parts are supported."""
@@ -126,6 +141,17 @@ class ChatMessage(Permissive):
     # The list first: for a bad part, pydantic's first error is then about the part, not "not a string".
     content: list[ContentPart] | str | None = None
     name: str | None = None
+
+    def template_form(self) -> dict:
+        """The message as chat templates expect it: string content (text parts joined), and the
+        newer `developer` role as `system`, which templates know."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        plain = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.name is not None:
+            plain["name"] = self.name
+        return plain
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -153,6 +179,12 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
     best_of: Integer | None = Field(None, ge=1, description="must equal n on this server")
 
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt or a batch of them: text, token ids, a list of texts, or a list of token-id lists."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
 
 class TokenizeRequest(RequestBody):
     """Exactly one of `prompt` (text, encoded as completions encode it) or `messages` (through the chat template)."""
@@ -168,6 +200,12 @@ class TokenizeRequest(RequestBody):
 class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[TokenId]
+
+
+# Errors the routes document in /openapi.json.
+DOCUMENTED_ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model or experiment"),
+    (413, "Request body too large"), (503, "Queue full (see Retry-After) or shutting down"))}
 
 
 # -- responses -----------------------------------------------------------------------------------------
@@ -273,7 +311,7 @@ class CompletionResponse(BaseModel):
     expo: Expo | None = None
 
 
-class AlphaRange(BaseModel):
+class AlphaBounds(BaseModel):
     default: float
     min: float
     max: float
@@ -285,7 +323,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "expo-serve"
     max_model_len: int
-    alpha: AlphaRange
+    alpha: AlphaBounds
 
 
 class ModelList(BaseModel):

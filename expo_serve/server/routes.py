@@ -1,4 +1,10 @@
-"""The HTTP routes: thin, each hands its validated body to the module that serves it."""
+"""The HTTP routes other than generation (generation.py): the model card, health, metrics, and
+tokenization. The app includes both routers.
+
+/tokenize and /detokenize use the server's own tokenization: text is encoded without added special
+tokens, as completions prompts are; messages go through the chat template, as chat requests do.
+So a tokenize `count` is the request's `usage.prompt_tokens`.
+"""
 from __future__ import annotations
 
 import time
@@ -6,41 +12,23 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
-from . import chat, completions, tokenize
-from .admission import RETRY_AFTER_S
-from .protocol import (AlphaRange, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard,
+from .errors import RETRY_AFTER_S, invalid
+from .protocol import (DOCUMENTED_ERRORS, AlphaBounds, DetokenizeRequest, DetokenizeResponse, Health, ModelCard,
                        ModelList, TokenizeRequest, TokenizeResponse)
-from .serving import ServingContext, json_response
+from .serving import ServingContext, json_response, serving
 
-_ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
-    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model or experiment"),
-    (413, "Request body too large"), (503, "Queue full (see Retry-After) or shutting down"))}
-_STREAM = {"content": {"text/event-stream": {}}, "description": "The response, or with `stream: true` its chunks"}
-
+_ERRORS = DOCUMENTED_ERRORS
 router = APIRouter()
 STARTED = int(time.time())
 
 
-def serving(request: Request) -> ServingContext:
-    return request.app.state.serving
-
-
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, 200: _STREAM})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return await chat.create_chat_completion(serving(request), body, request)
-
-
-@router.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: _STREAM})
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    return await completions.create_completion(serving(request), body, request)
-
 
 def model_card(ctx: ServingContext) -> ModelCard:
-    policy = ctx.policy
-    return ModelCard(id=ctx.model_name, created=STARTED, max_model_len=ctx.max_model_len,
-                     alpha=AlphaRange(default=policy.default, min=policy.minimum, max=policy.maximum))
+    bounds = ctx.engine.alpha_range
+    return ModelCard(id=ctx.model_name, created=STARTED, max_model_len=ctx.engine.max_model_len,
+                     alpha=AlphaBounds(default=bounds.default, min=bounds.min, max=bounds.max))
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
@@ -70,10 +58,25 @@ async def metrics(request: Request) -> Response:
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
-async def tokenize_text(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    return await tokenize.tokenize(serving(request), body)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    ctx = serving(request)
+    ctx.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid("Give exactly one of 'prompt' or 'messages'.", param="prompt")
+    if body.messages is not None:
+        ids = await ctx.chat_prompt(body.messages, body.add_generation_prompt)
+    else:
+        ids = await run_in_threadpool(lambda: list(ctx.tokenizer.encode(body.prompt, add_special_tokens=False)))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.engine.max_model_len)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
-async def detokenize_tokens(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    return await tokenize.detokenize(serving(request), body)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    ctx = serving(request)
+    ctx.check_model(body.model)
+    vocab_size = ctx.engine.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"Token id {bad} is outside the vocabulary (0 to {vocab_size - 1}).", param="tokens")
+    text = await run_in_threadpool(ctx.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)

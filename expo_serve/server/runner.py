@@ -1,6 +1,6 @@
 """Run the server: load the model into an engine, serve the app with uvicorn, drain on exit.
 
-On SIGINT or SIGTERM the server drains (drain.Drain): it keeps listening and answers every new
+On SIGINT or SIGTERM the server drains (middleware.Drain): it keeps listening and answers every new
 request, the health check included, with 503 and Retry-After, while running requests finish; at
 --shutdown-timeout it cuts what is left (streams end with an error event and [DONE]). Only then
 does uvicorn close its listeners and the app stop the engine, and `serve` returns 0. A second
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 import uvicorn
 
-from .drain import Drain
+from .middleware import Drain
 from .examples import banner
 from .settings import ServerSettings
 
@@ -37,8 +37,7 @@ def build_engine(settings: ServerSettings):
     config = EngineConfig(sft=settings.sft, delta=settings.delta, aligned=settings.aligned, dtype=dtype, device=device,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes, alpha_cache_bytes=alpha_cache,
-                          alpha_default=settings.alpha_default, alpha_min=settings.alpha_min,
-                          alpha_max=settings.alpha_max)
+                          alpha=settings.alpha_range)
     return AsyncEngine(LLMEngine(config))
 
 

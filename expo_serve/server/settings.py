@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..engine.request import AlphaRange
 from ..errors import ExpoError
 
 ENV_PREFIX = "EXPO_SERVE_"
@@ -55,10 +56,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("give either --delta or --aligned, not both")
         if not (self.delta or self.aligned):
             raise ValueError("give --delta DIR or --aligned SRC: the server needs Δ = θ_aligned − θ_sft")
-        if not self.alpha_min <= self.alpha_default <= self.alpha_max:
+        try:
+            self.alpha_range
+        except ValueError:
             raise ValueError(f"--alpha-default {self.alpha_default} is outside [--alpha-min {self.alpha_min}, "
-                             f"--alpha-max {self.alpha_max}]")
+                             f"--alpha-max {self.alpha_max}]") from None
         return self
+
+    @property
+    def alpha_range(self) -> AlphaRange:
+        """The engine's α bounds (AlphaRange is their one owner and judge)."""
+        return AlphaRange(default=self.alpha_default, min=self.alpha_min, max=self.alpha_max)
 
     @property
     def served_model_name(self) -> str:
