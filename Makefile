@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install install-runtime demo serve test test-fast test-slow bench clean
+.PHONY: install install-runtime check-runtime demo serve test test-fast test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ $(VENV)/.installed-runtime: pyproject.toml Makefile
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet .
 	touch $@
+
+# The installed package without the dev extras: the server and the experiments import, and the
+# command runs (CI runs this after the tests, in a venv of its own).
+RUNTIME_VENV ?= .venv-runtime
+check-runtime:
+	$(MAKE) --no-print-directory install-runtime VENV=$(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/python -c "import expo_serve.server.app, expo_serve.server.runner, expo_serve.experiments, expo_serve.cli, expo_serve.llm"
+	$(RUNTIME_VENV)/bin/expo-serve --help >/dev/null
 
 demo: install
 	$(VENV)/bin/expo-serve demo

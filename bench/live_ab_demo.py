@@ -1,7 +1,7 @@
 """Issue 6's scripted live run on the demo pair, in one command.
 
 Starts `expo-serve demo` with a three-arm α experiment on a free loopback port, lets a simulated
-population (expo_serve/experiments/simulate.py: a true thumbs-up rate that peaks at α = 0.4) chat
+population (bench/simulate.py: a true thumbs-up rate that peaks at α = 0.4) chat
 with it through the official openai client and vote, then reads GET /v1/experiments/{key}/results
 and GET /dashboard and prints a markdown summary for bench/RESULTS.md. Exit status 0 only when both
 name the arm the population truly prefers.
@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
 
-    from expo_serve.experiments.live_run import run
+    from live_run import run  # bench/live_run.py, beside this script
 
     work = Path(tempfile.mkdtemp(prefix="live-ab-demo-"))
     process, url = start_demo(work, work / "server.log")

@@ -96,10 +96,22 @@ def test_experiments_never_import_the_engine_model_delta_or_kernels():
     import subprocess
     import sys
 
-    code = ("import sys, expo_serve.experiments.standalone, expo_serve.experiments.live_run, "
-            "expo_serve.experiments.dashboard\n"
+    code = ("import sys, expo_serve.experiments, expo_serve.experiments.api, expo_serve.experiments.dashboard\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'transformers', 'expo_kernels')"
             " or m.startswith(('expo_serve.engine', 'expo_serve.model', 'expo_serve.delta', 'expo_serve.server'))]\n"
             "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_the_installed_package_imports_nothing_from_the_dev_extras():
+    """Test and simulation helpers live in tests/ and bench/: serving works with `pip install .` alone."""
+    import subprocess
+    import sys
+
+    dev_only = ("openai", "httpx", "pytest", "playwright", "psycopg", "schemathesis", "lm_eval")
+    code = ("import sys, expo_serve.server.app, expo_serve.experiments, expo_serve.experiments.api, "
+            "expo_serve.experiments.dashboard\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(dev_only)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

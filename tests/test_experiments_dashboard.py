@@ -13,11 +13,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from experiments_helpers import Population, StandaloneServer, drive_service
 
 from expo_serve.experiments import ExperimentService, open_store
 from expo_serve.experiments.config import parse_experiment
-from expo_serve.experiments.simulate import Population, drive_service
-from expo_serve.experiments.testing import StandaloneServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,10 +7,10 @@ import time
 
 import httpx
 import pytest
+from experiments_helpers import StandaloneServer, postgres_bin, shared_postgres
+from experiments_standalone import create_app, placeholder_pair
 
 from expo_serve.experiments import ExperimentService, open_store
-from expo_serve.experiments.standalone import create_app, placeholder_pair
-from expo_serve.experiments.testing import StandaloneServer, postgres_bin, shared_postgres
 
 SWEEP = {"key": "alpha-sweep", "unit": "user", "allocation": "fixed", "primary_metric": "thumbs",
          "arms": [{"name": "control", "alpha": 0.0, "weight": 1, "control": True},

@@ -6,13 +6,12 @@ import uuid
 
 import pytest
 import uvicorn
+from experiments_helpers import free_port, live_run
+from experiments_standalone import create_app
 from fastapi import Request
 
 from expo_serve.experiments import ExperimentError, ExperimentService, open_store
 from expo_serve.experiments.config import parse_experiment
-from expo_serve.experiments.live_run import run
-from expo_serve.experiments.standalone import create_app
-from expo_serve.experiments.testing import free_port
 
 EXPERIMENT = {"key": "alpha-sweep", "min_sample": 40, "primary_metric": "thumbs", "sequential_tuning_n": 150,
               "arms": [{"name": "control", "alpha": 0.0, "control": True}, {"name": "a04", "alpha": 0.4},
@@ -66,7 +65,7 @@ def stand_in_server(tmp_path):
 
 
 def test_live_run_through_the_openai_client_names_the_preferred_arm(stand_in_server):
-    summary = run(stand_in_server, "alpha-sweep", requests=600, users=500, concurrency=6, seed=3)
+    summary = live_run(stand_in_server, "alpha-sweep", requests=600, users=500, concurrency=6, seed=3)
     assert summary["errors"] == [] and summary["requests"] == 600 and summary["votes"] > 420
     assert summary["preferred"] == "a04"
     assert summary["decision"]["winner"] == "a04", summary["decision"]

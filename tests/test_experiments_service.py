@@ -4,10 +4,10 @@ import json
 import random
 
 import pytest
+from experiments_helpers import postgres_bin, shared_postgres
 
 from expo_serve.experiments import ExperimentError, ExperimentService, open_store
 from expo_serve.experiments.config import parse_experiment
-from expo_serve.experiments.testing import postgres_bin, shared_postgres
 
 SWEEP = {"key": "alpha-sweep", "unit": "user", "allocation": "fixed", "primary_metric": "thumbs", "min_sample": 30,
          "arms": [{"name": "control", "alpha": 0.0, "control": True}, {"name": "a03", "alpha": 0.3},

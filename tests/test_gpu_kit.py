@@ -87,5 +87,15 @@ def test_a_part_past_its_budget_is_stopped_with_its_children(tmp_path):
         assert part.status.startswith("cut at its budget")
         if pid_file.exists():
             break
-    child = int(pid_file.read_text())
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    child = Path(f"/proc/{int(pid_file.read_text())}")
+
+    def gone() -> bool:  # exited, or a zombie nobody reaps (the SIGTERM takes a moment to land)
+        try:
+            return child.joinpath("stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    deadline = time.monotonic() + 60
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone()

@@ -4,9 +4,8 @@ dashboard naming the arm the population truly prefers. Battles generate at two a
 import httpx
 import pytest
 import yaml
+from experiments_helpers import live_run
 from server_process import ServerProcess, serve_command
-
-from expo_serve.experiments.live_run import run
 
 EXPERIMENTS = [{"key": "alpha-sweep", "unit": "user", "allocation": "fixed", "primary_metric": "thumbs", "default": True,
                 "min_sample": 40, "sequential_tuning_n": 150,
@@ -28,7 +27,7 @@ def server(pairs, tmp_path_factory):
 
 
 def test_live_run_names_the_preferred_arm_on_results_and_dashboard(server):
-    summary = run(server.url, "alpha-sweep", requests=600, users=500, concurrency=8, seed=3, max_tokens=6)
+    summary = live_run(server.url, "alpha-sweep", requests=600, users=500, concurrency=8, seed=3, max_tokens=6)
     assert summary["errors"] == [] and summary["requests"] == 600
     assert summary["preferred"] == "a04"
     assert summary["decision"]["winner"] == "a04", summary["decision"]

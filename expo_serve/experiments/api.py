@@ -23,8 +23,10 @@ from starlette.exceptions import HTTPException
 from ..api_common import (ErrorResponse, Flag, Integer, Number, RequestBody, describe, invalid_text, quote,
                           unparsable_body)
 from .config import METRIC_NAME, Experiment
+from .battles import OUTCOMES
 from .errors import ExperimentError
-from .service import BATTLE_OUTCOMES, MAX_COMMENT, ExperimentService
+from .outcomes import MAX_COMMENT
+from .service import ExperimentService
 
 MAX_BATTLE_TOKENS = 4096
 ROLES = ("system", "user", "assistant")
@@ -66,7 +68,7 @@ class Battle(Body):
 
 
 class Vote(Body):
-    winner: Literal[BATTLE_OUTCOMES]
+    winner: Literal[OUTCOMES]
 
 
 _WHY = {400: "Invalid request", 401: "Missing or wrong admin key", 403: "Admin routes are disabled (no --admin-key)",

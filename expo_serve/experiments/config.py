@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -205,7 +204,3 @@ def load_experiments_file(path: str | Path) -> list[Experiment]:
     except ValueError as exc:
         raise ExpoError(f"In the experiments file {path}: {exc}.") from None
     return experiments
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,4 +1,5 @@
-"""Turn one phase's stored rows into the results document of `GET /v1/experiments/{key}/results`."""
+"""The results document of `GET /v1/experiments/{key}/results`: one phase's stored rows, read and
+turned into per-arm estimates, lifts, guardrails, the decision, battles and the timeline."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -8,8 +9,11 @@ import numpy as np
 
 from . import stats
 from .battles import battle_summary
-from .config import Experiment
-from .store import PhaseData
+from .catalog import LiveExperiment
+from .config import Experiment, parse_experiment
+from .errors import ExperimentError
+from .records import PhaseData
+from .store import ExperimentStore
 
 TIMELINE_POINTS = 24
 
@@ -106,6 +110,32 @@ def primary_decision(experiment: Experiment, primary: dict[str, stats.MetricSumm
     decision = stats.decide(names, control, [primary[name].units for name in names], p_best, lifts, higher, srm_p,
                             experiment.min_sample, experiment.p_best_threshold, violations)
     return decision, p_best, lifts
+
+
+async def read_results(store: ExperimentStore, state: LiveExperiment, phase: int | None, now: float, *,
+                       timeline: bool = False) -> dict:
+    """The results of a phase (default: the current one); a past phase is analysed as it was defined."""
+    key = state.definition.key
+    phase = state.phase if phase is None else phase
+    if state.phase == 0:
+        raise ExperimentError(f"Experiment {key!r} has not started, so it has no results yet.",
+                              code="experiment_not_started", param="phase")
+    if not isinstance(phase, int) or not 1 <= phase <= state.phase:
+        raise ExperimentError(f"Experiment {key!r} has phases 1 to {state.phase}.", status=404,
+                              code="phase_not_found", param="phase")
+    phase_row = await store.load_phase(key, phase)
+    if phase == state.phase:
+        experiment, weights = state.definition, state.weights()
+    else:
+        experiment = parse_experiment(phase_row.definition)
+        allocations = await store.load_allocations(key, phase)
+        weights = allocations[-1].weights if allocations else None
+    end = phase_row.ended_at if phase_row and phase_row.ended_at is not None else now
+    started = phase_row.started_at if phase_row else None
+    data = await store.phase_data(key, phase, experiment.primary_metric, started, TIMELINE_POINTS)
+    status = state.status if phase == state.phase else "ended"
+    return build_results(experiment, phase=phase, status=status, data=data, now=end, phase_started_at=started,
+                         current_weights=weights, timeline=timeline)
 
 
 def build_results(experiment: Experiment, *, phase: int, status: str, data: PhaseData, now: float,

@@ -14,19 +14,19 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+from sqlalchemy.engine import Connection
+
 log = logging.getLogger("expo_serve.experiments")
 
 _STOP = object()
 
 
-class Dialect(Protocol):
-    def connect_writer(self) -> Any: ...
-    def begin(self, conn) -> None: ...
-    def commit(self, conn) -> None: ...
-    def rollback(self, conn) -> None: ...
+class Connector(Protocol):
+    """What the writer needs of its store: a SQLAlchemy connection, and which failures to retry."""
+
+    def connect_writer(self) -> Connection: ...
     def is_retryable(self, exc: BaseException) -> bool: ...
     def is_disconnect(self, exc: BaseException) -> bool: ...
-    def wrap(self, conn) -> Any: ...
 
 
 class OperationRefused(Exception):
@@ -41,8 +41,8 @@ class OperationRefused(Exception):
 
 
 class BatchWriter:
-    def __init__(self, dialect: Dialect, *, max_batch: int = 512, retries: int = 5, name: str = "expo-experiments-writer"):
-        self._dialect = dialect
+    def __init__(self, connector: Connector, *, max_batch: int = 512, retries: int = 5, name: str = "expo-experiments-writer"):
+        self._connector = connector
         self._max_batch = max_batch
         self._retries = retries
         self._queue: queue.Queue = queue.Queue()
@@ -55,7 +55,7 @@ class BatchWriter:
         self._thread.start()
 
     async def submit(self, op: Callable[[Any], Any]) -> Any:
-        """Run `op(tx)` in the next batch; resolves with its result once the batch has committed."""
+        """Run `op(conn)` in the next batch; resolves with its result once the batch has committed."""
         if self._closed:
             raise RuntimeError("the experiments store is closed")
         loop = asyncio.get_running_loop()
@@ -111,7 +111,7 @@ class BatchWriter:
 
     def _connection(self):
         if self._conn is None:
-            self._conn = self._dialect.connect_writer()
+            self._conn = self._connector.connect_writer()
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -125,19 +125,18 @@ class BatchWriter:
     def _attempt(self, batch) -> list[tuple[bool, Any]]:
         """One transaction over the whole batch; raises if it could not commit."""
         conn = self._connection()
-        tx = self._dialect.wrap(conn)
-        self._dialect.begin(conn)
         outcomes = []
         try:
+            conn.begin()
             for op, _future, _loop in batch:
                 try:
-                    outcomes.append((True, op(tx)))
+                    outcomes.append((True, op(conn)))
                 except OperationRefused as refused:
                     outcomes.append((False, refused.error))
-            self._dialect.commit(conn)
+            conn.commit()
         except BaseException:
             try:
-                self._dialect.rollback(conn)
+                conn.rollback()
             except Exception:  # noqa: BLE001 - the connection may be gone; reconnect below
                 self._drop_connection()
             raise
@@ -151,8 +150,8 @@ class BatchWriter:
                 self.batches_committed += 1
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below
-                retry = self._dialect.is_retryable(exc) or self._dialect.is_disconnect(exc)
-                if self._dialect.is_disconnect(exc):
+                retry = self._connector.is_retryable(exc) or self._connector.is_disconnect(exc)
+                if self._connector.is_disconnect(exc):
                     self._drop_connection()
                 if retry and attempt < self._retries:
                     log.warning("experiments store: retrying a batch of %d after %s", len(batch), exc)

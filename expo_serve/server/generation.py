@@ -161,25 +161,18 @@ async def chat_chunks(served: Served, logprobs: bool, include_usage: bool) -> As
                  for i in range(served.num_choices)], expo=served.expo)
     text_sent: dict[int, int] = {}
     tokens_sent: dict[int, int] = {}
-    finished: set[int] = set()
-    async for job, output in served.group.outputs():
-        alpha = served.choices[job].alpha
-        for out in output.outputs:
-            index = served.choice_index(job, out.index)
-            if index in finished:
-                continue
-            new_text = out.text[text_sent.get(index, 0):]
-            new_logprobs = out.logprobs[tokens_sent.get(index, 0):] if logprobs and out.logprobs else []
-            if new_text or new_logprobs:
-                text_sent[index] = len(out.text)
-                tokens_sent[index] = tokens_sent.get(index, 0) + len(new_logprobs)
-                yield chunk([ChatChunkChoice(
-                    index=index, delta=DeltaMessage(content=new_text), alpha=alpha,
-                    logprobs=ChatLogprobs(content=chat_logprobs(new_logprobs, text)) if new_logprobs else None)])
-            if out.finished:
-                finished.add(index)
-                yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=out.finish_reason,
-                                             stop_reason=out.stop_reason, alpha=alpha)])
+    async for index, alpha, _, out in choice_updates(served):
+        new_text = out.text[text_sent.get(index, 0):]
+        new_logprobs = out.logprobs[tokens_sent.get(index, 0):] if logprobs and out.logprobs else []
+        if new_text or new_logprobs:
+            text_sent[index] = len(out.text)
+            tokens_sent[index] = tokens_sent.get(index, 0) + len(new_logprobs)
+            yield chunk([ChatChunkChoice(
+                index=index, delta=DeltaMessage(content=new_text), alpha=alpha,
+                logprobs=ChatLogprobs(content=chat_logprobs(new_logprobs, text)) if new_logprobs else None)])
+        if out.finished:
+            yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=out.finish_reason,
+                                         stop_reason=out.stop_reason, alpha=alpha)])
     if include_usage:
         yield chunk([], usage=served.usage(served.group.latest))
 
@@ -226,7 +219,6 @@ class CompletionShape:
         text_sent: dict[int, int] = {}
         tokens_sent: dict[int, int] = {}
         offsets: dict[int, int] = {}
-        finished: set[int] = set()
         expo_sent = False
 
         def chunk(choice: CompletionChoice) -> CompletionResponse:
@@ -236,37 +228,44 @@ class CompletionShape:
             expo_sent = True
             return response
 
-        async for job, output in served.group.outputs():
-            alpha = served.choices[job].alpha
-            for out in output.outputs:
-                index = served.choice_index(job, out.index)
-                if index in finished:
-                    continue
-                text, logprobs = "", None
-                if index not in text_sent:  # this choice's first chunk: the echoed prompt
-                    text_sent[index], tokens_sent[index], offsets[index] = 0, 0, 0
-                    if self.echo:
-                        text = self.prompt_text(output)
-                        offsets[index] = len(text)
-                        if self.logprobs:
-                            logprobs = self.prompt_logprobs(output)
-                text += out.text[text_sent[index]:]
-                text_sent[index] = len(out.text)
-                if self.logprobs and out.logprobs and len(out.logprobs) > tokens_sent[index]:
-                    first = tokens_sent[index]
-                    generated, offsets[index] = completion_logprobs(out.token_ids[first:], out.logprobs[first:],
-                                                                    self.text, offsets[index])
-                    tokens_sent[index] = len(out.logprobs)
-                    logprobs = _extend(logprobs or CompletionLogprobs(), generated)
-                if text or logprobs:
-                    yield chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, alpha=alpha))
-                if out.finished:
-                    finished.add(index)
-                    yield chunk(CompletionChoice(index=index, text="", finish_reason=out.finish_reason,
-                                                 stop_reason=out.stop_reason, alpha=alpha))
+        async for index, alpha, output, out in choice_updates(served):
+            text, logprobs = "", None
+            if index not in text_sent:  # this choice's first chunk: the echoed prompt
+                text_sent[index], tokens_sent[index], offsets[index] = 0, 0, 0
+                if self.echo:
+                    text = self.prompt_text(output)
+                    offsets[index] = len(text)
+                    if self.logprobs:
+                        logprobs = self.prompt_logprobs(output)
+            text += out.text[text_sent[index]:]
+            text_sent[index] = len(out.text)
+            if self.logprobs and out.logprobs and len(out.logprobs) > tokens_sent[index]:
+                first = tokens_sent[index]
+                generated, offsets[index] = completion_logprobs(out.token_ids[first:], out.logprobs[first:],
+                                                                self.text, offsets[index])
+                tokens_sent[index] = len(out.logprobs)
+                logprobs = _extend(logprobs or CompletionLogprobs(), generated)
+            if text or logprobs:
+                yield chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, alpha=alpha))
+            if out.finished:
+                yield chunk(CompletionChoice(index=index, text="", finish_reason=out.finish_reason,
+                                             stop_reason=out.stop_reason, alpha=alpha))
         if include_usage:
             yield CompletionResponse(id=served.request_id, created=served.created, model=served.ctx.model_name,
                                      choices=[], usage=served.usage(served.group.latest))
+
+
+async def choice_updates(served: Served) -> AsyncIterator[tuple[int, float, RequestOutput, CompletionOutput]]:
+    """Each choice's cumulative output as it arrives, until it has finished: (choice index, its α,
+    the engine request's output, the choice's output)."""
+    finished: set[int] = set()
+    async for job, output in served.group.outputs():
+        for out in output.outputs:
+            index = served.choice_index(job, out.index)
+            if index not in finished:
+                if out.finished:
+                    finished.add(index)
+                yield index, served.choices[job].alpha, output, out
 
 
 def _extend(into: CompletionLogprobs, more: CompletionLogprobs) -> CompletionLogprobs:

@@ -1,5 +1,5 @@
-"""A simulated population with a true, α-dependent preference, for demos, the dashboard
-screenshot and the tests. The ground truth lives here, so results can be checked against it.
+"""A simulated population with a true, α-dependent preference, for demos (live_run.py,
+live_ab_demo.py), the dashboard screenshot and the tests. The ground truth lives here, so results can be checked against it.
 
 Each user has a personal taste (a logit offset); the chance of a thumbs-up peaks at α = 0.4
 (0.55 at α = 0, 0.80 at α = 0.4, 0.40 from α = 1.5 on, before taste),
@@ -11,8 +11,7 @@ import asyncio
 import math
 import random
 from dataclasses import dataclass
-
-from .service import ExperimentService
+from typing import Any, Callable
 
 
 def thumbs_up_probability(alpha: float, taste: float = 0.0) -> float:
@@ -69,9 +68,10 @@ class Population:
         return "left" if self.rng.random() < 1 / (1 + math.exp(-4 * (pl - pr))) else "right"
 
 
-async def drive_service(service: ExperimentService, key: str, population: Population, requests: int,
-                        concurrency: int = 32, clock_step: callable = None) -> int:
-    """Send `requests` simulated chats through the service (assign → outcome → feedback)."""
+async def drive_service(service: Any, key: str, population: Population, requests: int,
+                        concurrency: int = 32, clock_step: Callable[[], None] | None = None) -> int:
+    """Send `requests` simulated chats through an expo_serve.experiments.ExperimentService
+    (assign → outcome → feedback)."""
     served = 0
 
     async def one(i: int) -> None:

@@ -1,6 +1,7 @@
-"""The experiments routes and dashboard without a model: `python -m expo_serve.experiments.standalone`.
+"""The experiments routes and dashboard without a model: `python tests/experiments_standalone.py`.
 
-For simulations, load tests and the durability test. Besides the routes the server mounts, it
+For the tests (durability under SIGKILL, the dashboard in a browser, the live run's stand-in)
+and simulations. Besides the routes the server mounts, it
 offers what the server does per request as two routes: `POST /v1/assign` (choose the arm and log
 the exposure, as a chat request would) and `POST /v1/outcomes` (the implicit signals).
 """
@@ -14,13 +15,11 @@ from typing import Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 
-from ..errors import ExpoError
-from .api import EnvelopeRoute, GeneratePair, create_experiments_router, json_object
-from .config import load_experiments_file
-from .dashboard import create_dashboard_router
-from .errors import ExperimentError
-from .service import ExperimentService
-from .store import open_store
+from expo_serve.errors import ExpoError
+from expo_serve.experiments import ExperimentService, load_experiments_file, open_store
+from expo_serve.experiments.api import EnvelopeRoute, GeneratePair, create_experiments_router, json_object
+from expo_serve.experiments.dashboard import create_dashboard_router
+from expo_serve.experiments.errors import ExperimentError
 
 
 async def placeholder_pair(messages: list[dict], alphas: list[float], *, max_tokens: int | None = None,
@@ -79,7 +78,7 @@ def create_app(service: ExperimentService, admin_key: str | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m expo_serve.experiments.standalone", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python tests/experiments_standalone.py", description=__doc__.splitlines()[0])
     parser.add_argument("--db", default=None, help="sqlite:///path or postgresql://… (default: under EXPO_HOME)")
     parser.add_argument("--experiments", default=None, help="YAML or JSON file with a list of experiments")
     parser.add_argument("--host", default="127.0.0.1")

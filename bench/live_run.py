@@ -1,7 +1,7 @@
 """A scripted live run: simulated users chat with a running expo-serve through the official
 `openai` client, vote on the answers, and the results route must name the arm they truly prefer.
 
-    python -m expo_serve.experiments.live_run --base-url http://127.0.0.1:8000 --experiment alpha-sweep
+    python bench/live_run.py --base-url http://127.0.0.1:8000 --experiment alpha-sweep
 
 The server must run the experiment (e.g. `expo-serve demo --experiments FILE`); each chat passes
 `experiment` (extra_body) and `user`, reads the response's `expo` object, and votes through
@@ -16,9 +16,12 @@ import json
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Sequence
 
-from .simulate import Population, population_mean
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or imported from tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from simulate import Population, population_mean  # noqa: E402  (bench/simulate.py)
 
 PROMPTS = ["Give me one tip for writing clear emails.", "What is a good name for a grey cat?",
            "Explain what a hash function is in one sentence.", "Suggest a quick vegetarian dinner.",
@@ -74,7 +77,7 @@ def run(base_url: str, experiment: str, requests: int, users: int, concurrency: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m expo_serve.experiments.live_run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python bench/live_run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--experiment", default="alpha-sweep")
     parser.add_argument("--requests", type=int, default=400)

@@ -1,5 +1,7 @@
-"""Helpers for tests and simulations: a throwaway PostgreSQL cluster and the standalone server
-as a subprocess on a free loopback port. Nothing here is used when serving."""
+"""Helpers for the experiments tests: a throwaway PostgreSQL cluster, the standalone server
+(experiments_standalone.py) as a subprocess on a free loopback port, and the simulated users of
+bench/ (simulate.py: a population with a known preference; live_run.py: it chatting through the
+openai client)."""
 from __future__ import annotations
 
 import atexit
@@ -15,6 +17,16 @@ import time
 from pathlib import Path
 
 import httpx
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))
+
+from live_run import run as live_run  # noqa: E402  (bench/live_run.py)
+from simulate import Population, drive_service, population_mean  # noqa: E402  (bench/simulate.py)
+
+__all__ = ["Population", "PostgresCluster", "StandaloneServer", "drive_service", "free_port", "live_run",
+           "population_mean", "postgres_bin", "shared_postgres"]
 
 
 def free_port() -> int:
@@ -99,7 +111,7 @@ def shared_postgres() -> PostgresCluster:
 
 
 class StandaloneServer:
-    """`python -m expo_serve.experiments.standalone` as a subprocess on a free loopback port."""
+    """experiments_standalone.py as a subprocess on a free loopback port."""
 
     def __init__(self, db_url: str, experiments_file: str | None = None, admin_key: str | None = "admin-secret",
                  placeholder_battles: bool = True, refresh_interval: float = 5.0, log_path: str | None = None):
@@ -114,7 +126,7 @@ class StandaloneServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "StandaloneServer":
-        cmd = [sys.executable, "-m", "expo_serve.experiments.standalone", "--db", self.db_url,
+        cmd = [sys.executable, str(Path(__file__).with_name("experiments_standalone.py")), "--db", self.db_url,
                "--port", str(self.port), "--refresh-interval", str(self.refresh_interval)]
         if self.experiments_file:
             cmd += ["--experiments", self.experiments_file]
@@ -151,10 +163,6 @@ class StandaloneServer:
                 self.kill()
         if getattr(self, "_log", None):
             self._log.close()
-
-    @property
-    def admin_headers(self) -> dict:
-        return {"X-Admin-Key": self.admin_key} if self.admin_key else {}
 
     def __enter__(self) -> "StandaloneServer":
         return self.start()
