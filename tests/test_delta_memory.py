@@ -52,6 +52,11 @@ def test_build_peak_memory_is_far_below_one_model(tmp_path):
     assert model_bytes > 200e6 and len(list(sft.glob("*.safetensors"))) > 10
     assert growth < 0.15 * model_bytes, f"the build grew RSS by {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
     assert growth - small_growth < 0.05 * model_bytes, "peak memory grew with the model: the build is not streaming"
+    # int4's temporaries per tensor (float copies, scales, packing) put its peak at 29-34 MB on the
+    # dev machine, run to run (allocator caching): judged, like dense, by not growing with the model.
+    small_sft, small_aligned = tmp_path / "pair12" / "sft", tmp_path / "pair12" / "aligned"
+    small_int4 = _peak_growth(small_sft, small_aligned, tmp_path / "int4-12", "int4")
     int4_growth = _peak_growth(sft, aligned, tmp_path / "int4", "int4")
-    print(f"int4, 24 layers: build peak growth {int4_growth / 1e6:.1f} MB")
-    assert int4_growth < 0.15 * model_bytes
+    print(f"int4: build peak growth {small_int4 / 1e6:.1f} MB (12 layers), {int4_growth / 1e6:.1f} MB (24 layers)")
+    assert int4_growth < 0.2 * model_bytes
+    assert int4_growth - small_int4 < 0.05 * model_bytes, "int4: peak memory grew with the model"
