@@ -44,10 +44,10 @@ import hashlib
 import hmac
 import logging
 import time
-from html import escape
 from urllib.parse import parse_qs
 
 import anyio
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -303,7 +303,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         if takes_cookie(path) and "text/html" in _header(scope, b"accept"):
-            await _login_page(401, "This dashboard needs the server's API key.")(scope, receive, send)
+            await login_page(401, "This dashboard needs the server's API key.")(scope, receive, send)
             return
         message = None
         if takes_cookie(path):
@@ -322,7 +322,7 @@ class ApiKeyMiddleware:
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in ("GET", "HEAD"):
-            response: Response = _login_page(200)
+            response: Response = login_page(200)
         elif scope["method"] != "POST":
             response = APIError(405, "Method Not Allowed", code="method_not_allowed",
                                 headers={"Allow": "GET, HEAD, POST"}).response()
@@ -343,7 +343,7 @@ class ApiKeyMiddleware:
             form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
             given = (form.get("api_key") or [""])[0].strip()
             if not hmac.compare_digest(given.encode("utf-8", "replace"), self._key):
-                response = _login_page(401, "That is not the server's API key.")
+                response = login_page(401, "That is not the server's API key.")
             else:
                 response = RedirectResponse(DASHBOARD, status_code=303)
                 response.set_cookie(COOKIE, self._cookie_token, path=DASHBOARD, httponly=True, samesite="strict",
@@ -351,19 +351,13 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-def _login_page(status: int, problem: str | None = None) -> HTMLResponse:
-    note = f'<p class="problem">{escape(problem)}</p>' if problem else ""
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>expo-serve: sign in</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
-<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head>
-<body><main class="login"><h1>expo-serve · α experiments</h1>{note}
-<p>This server was started with <code>--api-key</code>. Enter the key to open the dashboard: it is kept
-in a cookie for this site's <code>/dashboard</code> pages only (HttpOnly, SameSite=Strict). A reverse proxy
-may instead send <code>Authorization: Bearer KEY</code> with each request.</p>
-<form method="post" action="{LOGIN_PATH}"><label>API key <input type="password" name="api_key"
-autocomplete="current-password" required autofocus></label> <button type="submit">Open the dashboard</button></form>
-</main></body></html>"""
+_LOGIN_PAGE = Environment(loader=PackageLoader(__package__, "templates"), autoescape=True,
+                          undefined=StrictUndefined).get_template("login.html")
+
+
+def login_page(status: int, problem: str | None = None) -> HTMLResponse:
+    """The dashboard's sign-in form (server/templates/login.html), with what went wrong if anything."""
+    page = _LOGIN_PAGE.render(problem=problem, login_path=LOGIN_PATH)
     headers = {"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"} if status == 401 else {"Cache-Control": "no-store"}
     return HTMLResponse(page, status_code=status, headers=headers)
 
