@@ -218,6 +218,29 @@ def main_random(args) -> None:
               f"{ratio('concurrent_tok_s')} |")
 
 
+def alpha_cache_ab(rounds: int, requests, concurrency: int, useful: int, merged: Path, sft: Path, delta: Path) -> None:
+    """Round after round, back to back: the merged checkpoint, per-request α with the α cache at its
+    default, and per-request α without it; the ratios are taken within each round, so the machine's
+    drift between rounds cancels."""
+    arms = {"merged": lambda: run_engine(requests, concurrency, False, sft=str(merged)),
+            "alpha cache on (default)": lambda: run_engine(requests, concurrency, True, sft=str(sft), delta=str(delta)),
+            "alpha cache off": lambda: run_engine(requests, concurrency, True, sft=str(sft), delta=str(delta),
+                                                  alpha_cache_bytes=0)}
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for round_index in range(rounds):
+        for name, run in arms.items():
+            rates[name].append(useful / run())
+        print(f"round {round_index + 1}: " + ", ".join(f"{name} {r[-1]:.1f} tok/s" for name, r in rates.items()),
+              file=sys.stderr)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; {rounds} rounds, {delta.name} Δ")
+    print("\n| configuration | median tok/s | × merged, per round (median) | rounds |\n|---|---:|---:|---|")
+    for name, values in rates.items():
+        per_round = [v / m for v, m in zip(values, rates["merged"])]
+        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(per_round):.2f} | "
+              f"{', '.join(f'{v:.1f}' for v in values)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
@@ -225,6 +248,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
+    parser.add_argument("--alpha-cache-ab", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds of merged / α cache on / α cache off, back to back, with the "
+                             "first of --encodings")
     parser.add_argument("--quick", action="store_true", help="one repeat, no HF baseline (a smoke run)")
     parser.add_argument("--alpha-cache-gib", type=float, help="the engine's α cache (default: the engine's own default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -274,6 +300,10 @@ def main() -> None:
         print(f"{label:<36} {rate:8.1f} tok/s  (runs: {', '.join(f'{t:.1f}s' for t in times)})", file=sys.stderr)
         return rate
 
+    if args.alpha_cache_ab:
+        alpha_cache_ab(args.alpha_cache_ab, requests, args.concurrency, useful, merged, pair.sft_dir,
+                       deltas[args.encodings.split(",")[0]])
+        return
     results = {}
     if not args.quick:
         results["a_hf_merged"] = timed("(a) HF generate, merged", lambda: run_hf(merged, requests, args.concurrency))
