@@ -285,3 +285,47 @@ def test_simulated_population_names_the_better_arm(db_url):
         await service.close()
 
     run(body())
+
+
+def _with_alpha(alpha: float) -> dict:
+    return {**SWEEP, "arms": [*SWEEP["arms"][:2], {"name": "a10", "alpha": alpha}]}
+
+
+def test_concurrent_edits_from_two_replicas_number_phases_without_gaps(db_url):
+    async def body():
+        one, two = await _service(db_url, [SWEEP]), await _service(db_url)
+        # Each edit changes an arm's α, so each starts a phase; both replicas plan on a stale copy.
+        edits = [(one, two)[i % 2].upsert_experiment(_with_alpha(2.0 + i / 10)) for i in range(12)]
+        views = [view for view, created in await asyncio.gather(*edits)]
+        assert sorted(view["phase"] for view in views) == list(range(2, 14))
+        for phase in range(1, 14):
+            results = await two.results("alpha-sweep", phase)
+            assert results["status"] == ("running" if phase == 13 else "ended")
+        # Each view is the experiment as its own edit left it.
+        by_phase = {view["phase"]: view["arms"][2]["alpha"] for view in views}
+        assert len(set(by_phase.values())) == 12
+        await one.close()
+        await two.close()
+
+    run(body())
+
+
+def test_a_stale_replica_logs_exposures_in_the_current_phase(db_url):
+    async def body():
+        one, two = await _service(db_url, [SWEEP]), await _service(db_url)
+        await one.upsert_experiment(_with_alpha(2.0))  # phase 2; `two` has not re-read its copy
+        a = await two.assign("alpha-sweep", "carol", "r1")
+        assert a.phase == 2 and (a.arm != "a10" or a.alpha == 2.0)
+        results = await two.results("alpha-sweep")
+        assert results["phase"] == 2 and sum(arm["exposures"] for arm in results["arms"]) == 1
+        # A stop from the stale replica keeps the other replica's edit instead of its old copy.
+        await one.upsert_experiment(_with_alpha(3.0))
+        stopped = await two.set_status("alpha-sweep", "stopped")
+        assert stopped["status"] == "stopped" and stopped["arms"][2]["alpha"] == 3.0
+        with pytest.raises(ExperimentError) as info:
+            await one.assign("alpha-sweep", "dave", "r2")  # `one` still thinks it runs
+        assert info.value.code == "experiment_not_running"
+        await one.close()
+        await two.close()
+
+    run(body())

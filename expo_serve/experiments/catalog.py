@@ -1,13 +1,14 @@
 """The experiments this process serves, as last read from the store, and the admin edits to them.
 
 Every replica keeps this copy in memory so the request path reads no definition from the database;
-edits go to the store first and the copy is re-read after, so replicas converge on the store's state.
+edits go to the store first and the copy is re-read after, so replicas converge on the store's state
+(another replica's edit reaches this copy at the service's next refresh). An edit is planned inside
+the store's transaction, on the experiment as last committed by any replica (store.edit_experiment).
 Editing the arms, unit, allocation or seed of a running experiment (or restarting a stopped one)
 starts a new phase: within a phase a unit never changes arm.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from .config import Experiment, first_error, parse_experiment
 from .errors import ExperimentError, not_found
-from .records import AllocationRow, ExperimentChange, ExperimentRow, PhaseRow
+from .records import AllocationRow, CatalogEntry, ExperimentChange, ExperimentRow, PhaseRow
 from .store import ExperimentStore
 
 log = logging.getLogger("expo_serve.experiments")
@@ -56,29 +57,31 @@ class Catalog:
         self.store = store
         self.live: dict[str, LiveExperiment] = {}
         self._clock = clock
-        self._admin_lock = asyncio.Lock()
+        self._reloads_started = 0
+        self._installed = 0  # which reload `live` comes from: an older one finishing late never replaces it
 
-    async def reload(self) -> None:
+    async def reload(self) -> dict[str, LiveExperiment]:
         """Read every experiment, its current phase and allocation from the store."""
-        live = {}
-        for row in await self.store.load_experiments():
-            definition = parse_experiment(row.definition).model_copy(update={"status": row.status, "default": row.is_default})
-            state = LiveExperiment(definition, row.status, row.phase, row.is_default, row.file_signature, row.updated_at)
-            if row.phase > 0:
-                phase = await self.store.load_phase(row.key, row.phase)
-                state.phase_started_at = phase.started_at if phase else None
-                allocations = await self.store.load_allocations(row.key, row.phase)
-                state.allocation = allocations[-1] if allocations else None
-            live[row.key] = state
-        self.live = live
+        self._reloads_started += 1
+        generation = self._reloads_started
+        live = {entry.row.key: _live(entry) for entry in await self.store.load_catalog()}
+        if generation > self._installed:
+            self.live, self._installed = live, generation
+        return live
+
+    async def fresh(self, key: str) -> LiveExperiment:
+        """One experiment as the store has it now, edits made through other replicas included."""
+        entries = await self.store.load_catalog(key)
+        if not entries:
+            raise not_found("experiment", key, "experiment")
+        return _live(entries[0])
 
     async def apply_file(self, experiments: Iterable[Experiment]) -> None:
         """The --experiments file, applied where it changed since last applied: admin edits made since stand."""
         for experiment in experiments:
             signature = file_signature(experiment)
-            current = self.live.get(experiment.key)
-            if current is None or current.file_signature != signature:
-                await self.apply(experiment, signature)
+            await self._edit(experiment.key, lambda current, e=experiment, s=signature:
+                             None if current is not None and current.file_signature == s else (e, s))
 
     def require(self, key: str) -> LiveExperiment:
         state = self.live.get(key)
@@ -101,43 +104,77 @@ class Catalog:
     async def upsert(self, data: object) -> tuple[LiveExperiment, bool]:
         """Create or edit from a definition (dict or Experiment); returns (state, created)."""
         experiment = data if isinstance(data, Experiment) else _parse(data)
-        current = self.live.get(experiment.key)
-        return await self.apply(experiment, current.file_signature if current else None), current is None
+        return await self._edit(experiment.key, lambda current: (
+            experiment, current.file_signature if current is not None else None))
 
     async def set_status(self, key: str, status: str) -> LiveExperiment:
-        state = self.require(key)
-        if state.status == status:
-            return state
-        return await self.apply(state.definition.model_copy(update={"status": status}), state.file_signature)
-
-    async def apply(self, experiment: Experiment, signature: str | None) -> LiveExperiment:
-        async with self._admin_lock:
-            await self.reload()
-            now = self._clock()
-            current = self.live.get(experiment.key)
-            running = experiment.status == "running"
+        def target(current: ExperimentRow | None) -> tuple[Experiment, str | None] | None:
             if current is None:
-                phase, start, end = (1 if running else 0), running, False
-            else:
-                was_running = current.status == "running"
-                changed = current.definition.assignment_signature() != experiment.assignment_signature()
-                start = running and (not was_running or changed)
-                end = was_running and (start or not running)
-                phase = current.phase + (1 if start else 0)
-            row = ExperimentRow(experiment.key, experiment.model_dump(mode="json"), experiment.status, phase,
-                                experiment.default, signature, now)
-            change = ExperimentChange(
-                row,
-                start_phase=PhaseRow(experiment.key, phase, row.definition, now) if start else None,
-                initial_allocation=AllocationRow(0, now, experiment.fixed_weights(), "phase start") if start else None,
-                end_phase_at=now if end else None, ended_phase=current.phase if end and current else None,
-                update_phase_definition=not start and current is not None,
-                clear_other_defaults=experiment.default)
-            await self.store.apply_change(change)
-            log.info("experiment %s: status %s, phase %d%s", experiment.key, experiment.status, phase,
-                     " (new phase)" if start else "")
-            await self.reload()
-            return self.live[experiment.key]
+                raise not_found("experiment", key, "experiment")
+            if current.status == status:
+                return None
+            # The stored definition, not this replica's copy, so an edit made through another replica
+            # stands; `default` from its column, which making another experiment the default clears.
+            definition = parse_experiment(current.definition).model_copy(
+                update={"status": status, "default": current.is_default})
+            return definition, current.file_signature
+
+        state, _created = await self._edit(key, target)
+        return state
+
+    async def _edit(self, key: str, target: Callable[[ExperimentRow | None], tuple[Experiment, str | None] | None]
+                    ) -> tuple[LiveExperiment, bool]:
+        """Write the definition `target` chooses from the stored row (None: leave it), planned
+        inside the store's transaction on the row as committed; re-read the catalog after."""
+        planned: list[ExperimentChange] = []
+
+        def plan(current: ExperimentRow | None) -> ExperimentChange | None:
+            planned.clear()  # a batch the store retries plans again
+            chosen = target(current)
+            if chosen is None:
+                return None
+            planned.append(plan_change(current, *chosen, self._clock()))
+            return planned[0]
+
+        entry, created = await self.store.edit_experiment(key, plan)
+        if planned:
+            change = planned[0]
+            log.info("experiment %s: status %s, phase %d%s", key, change.row.status, change.row.phase,
+                     " (new phase)" if change.start_phase else "")
+        await self.reload()
+        # As this edit left it: a later edit through another replica may already be in `live`.
+        return _live(entry), created
+
+
+def plan_change(current: ExperimentRow | None, experiment: Experiment, signature: str | None,
+                now: float) -> ExperimentChange:
+    """The rows that turn the stored experiment `current` into `experiment`. Changing what decides
+    assignment while running, or starting a stopped experiment, begins a new phase."""
+    running = experiment.status == "running"
+    if current is None:
+        phase, start, end = (1 if running else 0), running, False
+    else:
+        was_running = current.status == "running"
+        changed = parse_experiment(current.definition).assignment_signature() != experiment.assignment_signature()
+        start = running and (not was_running or changed)
+        end = was_running and (start or not running)
+        phase = current.phase + (1 if start else 0)
+    row = ExperimentRow(experiment.key, experiment.model_dump(mode="json"), experiment.status, phase,
+                        experiment.default, signature, now)
+    return ExperimentChange(
+        row,
+        start_phase=PhaseRow(experiment.key, phase, row.definition, now) if start else None,
+        initial_allocation=AllocationRow(0, now, experiment.fixed_weights(), "phase start") if start else None,
+        end_phase_at=now if end else None, ended_phase=current.phase if end and current else None,
+        update_phase_definition=not start and current is not None,
+        clear_other_defaults=experiment.default)
+
+
+def _live(entry: CatalogEntry) -> LiveExperiment:
+    row = entry.row
+    definition = parse_experiment(row.definition).model_copy(update={"status": row.status, "default": row.is_default})
+    return LiveExperiment(definition, row.status, row.phase, row.is_default, row.file_signature, row.updated_at,
+                          entry.phase.started_at if entry.phase else None, entry.allocation)
 
 
 def _parse(data: object) -> Experiment:

@@ -27,6 +27,7 @@ from .writer import OperationRefused
 
 WRITER = "expo_writer"   # execution option that marks the writer's connection
 SCHEMA_LOCK = 0x6578706F  # "expo": serialises CREATE TABLE across PostgreSQL replicas starting together
+EDIT_LOCK = 0x65787045    # with the key's hash: serialises the edits of one experiment across replicas
 # PostgreSQL: deadlock, serialization failure, lock not available. The batch is simply tried again.
 _RETRY_SQLSTATES = {"40P01", "40001", "55P03"}
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -103,6 +104,20 @@ def create_schema(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
     metadata.create_all(conn, checkfirst=True)
+
+
+def lock_experiment(conn: Connection, key: str) -> None:
+    """Hold the experiment's edit lock until the transaction ends.
+
+    PostgreSQL: an advisory lock on (EDIT_LOCK, hash of the key), which exists before the row does,
+    so two replicas creating one experiment wait for each other too. SQLite needs none: the
+    writer's BEGIN IMMEDIATE already holds the whole database's write lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_EDIT_LOCK, {"key": key})
+
+
+_EDIT_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.literal(EDIT_LOCK, sa.Integer),
+                                                     sa.func.hashtext(sa.bindparam("key", type_=sa.Text))))
 
 
 def upsert(conn: Connection, table: sa.Table, values: dict, keys: tuple[str, ...], update: tuple[str, ...] = ()):

@@ -30,3 +30,8 @@ class ExperimentError(ExpoError):
 def not_found(what: str, ident: str, param: str | None = None) -> ExperimentError:
     return ExperimentError(f"No {what} named {quote(ident)}.", status=404,
                            code=f"{what.replace(' ', '_')}_not_found", param=param)
+
+
+class PhaseMoved(Exception):
+    """The experiment's stored phase or status is no longer what this replica's copy says: another
+    replica edited it. The service re-reads its copy and assigns again; never an HTTP answer."""

@@ -48,6 +48,14 @@ class ExperimentChange:
 
 
 @dataclass
+class CatalogEntry:
+    """An experiment as a replica keeps it: its row, its current phase and that phase's latest weights."""
+    row: ExperimentRow
+    phase: PhaseRow | None = None
+    allocation: AllocationRow | None = None
+
+
+@dataclass
 class StoredAssignment:
     arm: str
     probability: float

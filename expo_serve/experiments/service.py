@@ -17,7 +17,8 @@ sets `alpha` is served as asked, joins no experiment and is not counted)::
     # -> Assignment: serve at a.alpha; put a.expo() in the response's `expo` object; the exposure
     #          is already durable (committed) when assign returns.
     # raises ExperimentError (status 404 experiment_not_found, 400 experiment_not_running,
-    #          400 missing_unit with param "user", 400 invalid_unit): answer with e.status and e.envelope().
+    #          400 missing_unit with param "user", 400 invalid_unit, 409 experiment_changing when edits
+    #          through other replicas kept moving its phase): answer with e.status and e.envelope().
     ...generate...
     await service.record_outcome(a.exposure_id, latency_s=..., ttft_s=..., output_tokens=...,
                                  finish_reason=..., aborted=client_disconnected)
@@ -64,13 +65,14 @@ from . import allocation, arena, outcomes
 from .assign import Assignment, log_exposure, unit_of
 from .catalog import Catalog, LiveExperiment
 from .config import Experiment
-from .errors import not_found
+from .errors import ExperimentError, PhaseMoved, not_found
 from .results import read_results
 from .store import ExperimentStore
 
 __all__ = ["Assignment", "ExperimentService"]
 
 log = logging.getLogger("expo_serve.experiments")
+_PHASE_ATTEMPTS = 3  # an exposure re-planned after each edit that lands under it; more means edits thrash
 
 
 class ExperimentService:
@@ -146,11 +148,17 @@ class ExperimentService:
 
     async def assign(self, experiment_key: str | None, unit_id: str | None, request_id: str) -> Assignment | None:
         """Choose the arm, log the exposure durably, and return it; None when no experiment applies."""
-        state = self.resolve(experiment_key)
-        unit = None if state is None else unit_of(state, unit_id, request_id, named=experiment_key is not None)
-        if unit is None:
-            return None
-        return await log_exposure(self.store, state, unit, request_id, self._clock())
+        for _attempt in range(_PHASE_ATTEMPTS):
+            state = self.resolve(experiment_key)
+            unit = None if state is None else unit_of(state, unit_id, request_id, named=experiment_key is not None)
+            if unit is None:
+                return None
+            try:
+                return await log_exposure(self.store, state, unit, request_id, self._clock())
+            except PhaseMoved:
+                await self.reload()  # edited through another replica since this copy was read
+        raise ExperimentError(f"Experiment {state.definition.key!r} is being edited; send the request again.",
+                              status=409, code="experiment_changing", param="experiment")
 
     async def record_outcome(self, exposure_id: str, *, latency_s: float | None, ttft_s: float | None,
                              output_tokens: int | None, finish_reason: str | None, aborted: bool) -> None:
@@ -192,4 +200,6 @@ class ExperimentService:
         await allocation.update_allocations(self.store, self._catalog.live, self._clock())
 
     async def results(self, key: str, phase: int | None = None, *, timeline: bool = False) -> dict:
-        return await read_results(self.store, self._catalog.require(key), phase, self._clock(), timeline=timeline)
+        # The experiment as stored now, not this replica's copy: after an edit through another
+        # replica, every replica reports the same phase at once.
+        return await read_results(self.store, await self._catalog.fresh(key), phase, self._clock(), timeline=timeline)

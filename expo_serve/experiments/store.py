@@ -4,6 +4,11 @@ for several replicas, one SQLAlchemy Core code path for both (dialect settings: 
 Every write goes through one batched writer thread and its awaitable resolves only after the
 commit, so what the server acknowledges is durable. Reads run on worker threads over pooled
 connections and see committed data.
+
+Several replicas share one PostgreSQL: an edit of an experiment is planned inside its own
+transaction under a per-experiment lock (edit_experiment), and an exposure is written only into
+the phase the database says is running (assign), so no replica's stale copy of the definitions
+can collide on a phase number or log into an ended phase.
 """
 from __future__ import annotations
 
@@ -17,15 +22,15 @@ from sqlalchemy.engine import Connection
 from ..errors import ExpoError
 from ..paths import expo_home
 from . import database
-from .errors import ExperimentError, not_found
+from .errors import ExperimentError, PhaseMoved, not_found
 from .phase_query import load_allocations, phase_data
-from .records import (AllocationRow, BattleRow, ExperimentChange, ExperimentRow, FeedbackTarget, PhaseData,
-                      PhaseRow, StoredAssignment)
+from .records import (AllocationRow, BattleRow, CatalogEntry, ExperimentChange, ExperimentRow, FeedbackTarget,
+                      PhaseData, PhaseRow, StoredAssignment)
 from .schema import allocations, assignments, battle_votes, battles, experiments, exposures, feedback, outcomes, phases
 from .writer import BatchWriter, OperationRefused
 
-__all__ = ["AllocationRow", "BattleRow", "ExperimentChange", "ExperimentRow", "ExperimentStore", "FeedbackTarget",
-           "PhaseData", "PhaseRow", "StoredAssignment", "default_db_url", "open_store"]
+__all__ = ["AllocationRow", "BattleRow", "CatalogEntry", "ExperimentChange", "ExperimentRow", "ExperimentStore",
+           "FeedbackTarget", "PhaseData", "PhaseRow", "StoredAssignment", "default_db_url", "open_store"]
 
 
 def default_db_url() -> str:
@@ -92,39 +97,50 @@ class ExperimentStore:
                 raise refused.error from None
 
     # --- experiments, phases, allocations -------------------------------------------------------
-    async def load_experiments(self) -> list[ExperimentRow]:
-        rows = await self._read(lambda conn: conn.execute(_EXPERIMENTS).all())
-        return [ExperimentRow(r[0], r[1], r[2], int(r[3]), bool(r[4]), r[5], float(r[6])) for r in rows]
+    async def load_catalog(self, key: str | None = None) -> list[CatalogEntry]:
+        """Every experiment (or the one named) with its current phase and latest allocation, read
+        over one connection."""
+        return await self._read(lambda conn: _catalog_entries(conn, key))
 
     async def load_phase(self, key: str, phase: int) -> PhaseRow | None:
         row = await self._read(lambda conn: conn.execute(_PHASE, {"key": key, "phase": phase}).first())
         return None if row is None else PhaseRow(key, phase, row[0], float(row[1]),
                                                  None if row[2] is None else float(row[2]))
 
-    async def apply_change(self, change: ExperimentChange) -> None:
-        row = change.row
-        p = phases.c
+    async def edit_experiment(self, key: str, plan: Callable[[ExperimentRow | None], ExperimentChange | None]
+                              ) -> tuple[CatalogEntry, bool]:
+        """Read the experiment's stored row, let `plan` decide the change from it, and write that
+        change, all in one transaction that holds the experiment's lock; returns the experiment as
+        this edit left it and whether the edit created it. `plan` returns None for "nothing to
+        change" and may raise ExperimentError.
 
-        def op(conn: Connection) -> None:
-            if change.clear_other_defaults:
-                conn.execute(experiments.update().where(experiments.c.key != row.key).values(is_default=0))
-            database.upsert(conn, experiments, dict(
-                key=row.key, definition=row.definition, status=row.status, phase=row.phase,
-                is_default=int(row.is_default), file_signature=row.file_signature, updated_at=row.updated_at),
-                ("key",), ("definition", "status", "phase", "is_default", "file_signature", "updated_at"))
-            if change.end_phase_at is not None and change.ended_phase is not None:
-                conn.execute(phases.update().where(p.key == row.key, p.phase == change.ended_phase, p.ended_at.is_(None))
-                             .values(ended_at=change.end_phase_at))
-            if change.start_phase is not None:
-                start = change.start_phase
-                conn.execute(phases.insert(), dict(key=start.key, phase=start.phase, definition=start.definition,
-                                                   started_at=start.started_at, ended_at=None))
-            elif change.update_phase_definition and row.phase > 0:
-                conn.execute(phases.update().where(p.key == row.key, p.phase == row.phase).values(definition=row.definition))
-            if change.initial_allocation is not None:
-                _insert_allocation(conn, row.key, row.phase, change.initial_allocation)
+        Several replicas edit one experiment safely: each edit is planned on the state the previous
+        one committed, so phase numbers never collide and no edit is lost."""
+        def op(conn: Connection) -> tuple[CatalogEntry, bool]:
+            database.lock_experiment(conn, key)
+            found = conn.execute(_EXPERIMENT, {"key": key}).first()
+            current = None if found is None else _experiment_row(found)
+            try:
+                change = plan(current)
+            except ExperimentError as exc:
+                raise OperationRefused(exc) from None
+            if change is not None:
+                _apply_change(conn, change)
+            after = _catalog_entries(conn, key)
+            if not after:  # plan left a missing experiment missing
+                raise OperationRefused(not_found("experiment", key, "experiment"))
+            return after[0], current is None and change is not None
 
-        await self._write(op)
+        try:
+            return await self._write(op)
+        except sa.exc.DBAPIError as exc:
+            # The lock makes this rare (a deadlock retried past its limit, a row written by an
+            # older version): the edit wrote nothing, and sending it again is safe.
+            if isinstance(exc, sa.exc.IntegrityError) or database.is_retryable(exc):
+                raise ExperimentError(f"Experiment {key!r} was being changed by another request at the same "
+                                      "moment; nothing was written, send the edit again.", status=409,
+                                      code="edit_conflict", param="key") from None
+            raise
 
     async def add_allocation(self, key: str, phase: int, allocation: AllocationRow) -> bool:
         return await self._write(lambda conn: _insert_allocation(conn, key, phase, allocation))
@@ -137,6 +153,12 @@ class ExperimentStore:
                      allocation_version: int, exposure_id: str, request_id: str,
                      alphas: dict[str, float], now: float) -> StoredAssignment:
         def op(conn: Connection) -> StoredAssignment:
+            # The phase must still be the running one. FOR SHARE (PostgreSQL) makes an edit that ends
+            # the phase wait for this transaction, or this one wait for the edit and see it: no
+            # exposure lands in a phase after it ended, whichever replica logs it.
+            stored_phase = conn.execute(_RUNNING_PHASE, {"key": key}).first()
+            if stored_phase is None or int(stored_phase[0]) != phase or stored_phase[1] != "running":
+                raise OperationRefused(PhaseMoved(key))
             # Insert-if-absent, then read back: under concurrency (several replicas) the first
             # exposure's arm wins and every later exposure of the unit in this phase follows it.
             inserted = database.upsert(conn, assignments, dict(
@@ -229,9 +251,14 @@ def _where(*columns: sa.Column) -> list:
 
 _x, _p, _a, _e, _o, _f, _b = (experiments.c, phases.c, assignments.c, exposures.c, outcomes.c, feedback.c,
                               battles.c)
-_EXPERIMENTS = sa.select(_x.key, _x.definition, _x.status, _x.phase, _x.is_default, _x.file_signature,
-                         _x.updated_at).order_by(_x.key)
+_EXPERIMENT_COLUMNS = (_x.key, _x.definition, _x.status, _x.phase, _x.is_default, _x.file_signature, _x.updated_at)
+_EXPERIMENTS = sa.select(*_EXPERIMENT_COLUMNS).order_by(_x.key)
+_EXPERIMENT = sa.select(*_EXPERIMENT_COLUMNS).where(*_where(_x.key))
+_RUNNING_PHASE = sa.select(_x.phase, _x.status).where(*_where(_x.key)).with_for_update(read=True)
 _PHASE = sa.select(_p.definition, _p.started_at, _p.ended_at).where(*_where(_p.key, _p.phase))
+_t = allocations.c
+_LATEST_ALLOCATION = sa.select(_t.version, _t.created_at, _t.weights, _t.reason).where(
+    *_where(_t.key, _t.phase)).order_by(_t.version.desc()).limit(1)
 _ASSIGNMENT = sa.select(_a.arm, _a.probability, _a.allocation_version).where(*_where(_a.key, _a.phase, _a.unit_id))
 _EXPOSURE_TARGET = sa.select(_e.key, _e.phase, _e.arm).where(*_where(_e.exposure_id))
 _FEEDBACK_EXISTS = sa.select(sa.literal(1)).where(*_where(_f.exposure_id, _f.name))
@@ -242,6 +269,46 @@ _EXPOSURE = sa.select(_e.exposure_id, _e.key.label("experiment"), _e.phase, _e.a
 _OUTCOME = sa.select(_o.latency_s, _o.ttft_s, _o.output_tokens, _o.finish_reason, _o.aborted).where(
     *_where(_o.exposure_id))
 _FEEDBACK = sa.select(_f.name, _f.value, _f.comment).where(*_where(_f.exposure_id)).order_by(_f.name)
+
+
+def _catalog_entries(conn: Connection, key: str | None) -> list[CatalogEntry]:
+    rows = conn.execute(_EXPERIMENTS) if key is None else conn.execute(_EXPERIMENT, {"key": key})
+    entries = []
+    for row in [_experiment_row(r) for r in rows]:
+        phase = allocation = None
+        if row.phase > 0:
+            found = conn.execute(_PHASE, {"key": row.key, "phase": row.phase}).first()
+            phase = None if found is None else PhaseRow(row.key, row.phase, found[0], float(found[1]),
+                                                        None if found[2] is None else float(found[2]))
+            latest = conn.execute(_LATEST_ALLOCATION, {"key": row.key, "phase": row.phase}).first()
+            allocation = None if latest is None else AllocationRow(int(latest[0]), float(latest[1]), latest[2], latest[3])
+        entries.append(CatalogEntry(row, phase, allocation))
+    return entries
+
+
+def _experiment_row(r) -> ExperimentRow:
+    return ExperimentRow(r[0], r[1], r[2], int(r[3]), bool(r[4]), r[5], float(r[6]))
+
+
+def _apply_change(conn: Connection, change: ExperimentChange) -> None:
+    row, p = change.row, phases.c
+    if change.clear_other_defaults:
+        conn.execute(experiments.update().where(experiments.c.key != row.key).values(is_default=0))
+    database.upsert(conn, experiments, dict(
+        key=row.key, definition=row.definition, status=row.status, phase=row.phase,
+        is_default=int(row.is_default), file_signature=row.file_signature, updated_at=row.updated_at),
+        ("key",), ("definition", "status", "phase", "is_default", "file_signature", "updated_at"))
+    if change.end_phase_at is not None and change.ended_phase is not None:
+        conn.execute(phases.update().where(p.key == row.key, p.phase == change.ended_phase, p.ended_at.is_(None))
+                     .values(ended_at=change.end_phase_at))
+    if change.start_phase is not None:
+        start = change.start_phase
+        conn.execute(phases.insert(), dict(key=start.key, phase=start.phase, definition=start.definition,
+                                           started_at=start.started_at, ended_at=None))
+    elif change.update_phase_definition and row.phase > 0:
+        conn.execute(phases.update().where(p.key == row.key, p.phase == row.phase).values(definition=row.definition))
+    if change.initial_allocation is not None:
+        _insert_allocation(conn, row.key, row.phase, change.initial_allocation)
 
 
 def _insert_allocation(conn: Connection, key: str, phase: int, a: AllocationRow) -> bool:
