@@ -31,7 +31,8 @@ $(VENV)/.installed-runtime: pyproject.toml Makefile
 RUNTIME_VENV ?= .venv-runtime
 check-runtime:
 	$(MAKE) --no-print-directory install-runtime VENV=$(RUNTIME_VENV)
-	$(RUNTIME_VENV)/bin/python -c "import expo_serve.server.app, expo_serve.server.runner, expo_serve.experiments, expo_serve.cli, expo_serve.llm"
+	$(RUNTIME_VENV)/bin/python -c "import expo_serve.server.app, expo_serve.server.runner, expo_serve.experiments, expo_serve.cli, expo_serve.llm, expo_serve.alpha_sweep, expo_serve.engine.tp_workers"
+	$(RUNTIME_VENV)/bin/python -c "from importlib.resources import files; assert files('expo_serve.alpha_sweep').joinpath('judge_prompt.txt').read_text().strip()"
 	$(RUNTIME_VENV)/bin/python -c "from expo_serve.server.middleware import login_page; from expo_serve.experiments.dashboard import render_notice; login_page(200); render_notice('ok')"
 	$(RUNTIME_VENV)/bin/expo-serve --help >/dev/null
 

@@ -26,6 +26,12 @@ expo-serve on that merged checkpoint, expo-serve with θ_sft + Δ (dense, int8, 
 per request over three arms, and with dense Δ over eight α values (a sweep).
 
     python bench/bench_serving.py --compare --repeats 2
+
+`--budgets 2048,512,256` (issue 12) instead runs the engine in-process once per step budget
+(`max_num_batched_tokens`), θ_sft + dense Δ, α over the three arms, the budgets' runs interleaved
+round by round so the machine's drift cancels: time to first token against throughput.
+
+    python bench/bench_serving.py --budgets 2048,1024,512,256 --repeats 3
 """
 from __future__ import annotations
 
@@ -193,6 +199,8 @@ def compare_servers(args) -> None:
     plans.append(("(d) expo-serve, dense Δ, 8 α values",
                   lambda log: start_expo("d", ["--sft", str(pair.sft_dir), "--delta", str(deltas["dense"])], log, *expo_options),
                   SWEEP))
+    if args.only:  # a subset of the servers, by label prefix, e.g. "(a),(c) expo-serve, dense"
+        plans = [plan for plan in plans if any(plan[0].startswith(prefix.strip()) for prefix in args.only.split(","))]
     figures = {}
     for label, start, alphas in plans:
         server = start(work / f"{len(figures)}.log")
@@ -203,9 +211,65 @@ def compare_servers(args) -> None:
         finally:
             server.stop()
         figures[label] = {**median_of(runs), "rss_gb": server.peak_rss / 1e9, "runs": len(runs)}
-    report_comparison(figures, args, requests)
+    if args.only:
+        for label, f in figures.items():
+            print(f"| {label} | {f['tok_s']:.1f} | {f['ttft_p50']:.2f} s | {f['ttft_p99']:.2f} s | {f['rss_gb']:.1f} GB |")
+    else:
+        report_comparison(figures, args, requests)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def compare_budgets(args) -> None:
+    """The engine in-process at each step budget, rounds interleaved; TTFT against throughput."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from expo_serve.demo.pair import load_preferences, prepare_demo_pair
+    from expo_serve.engine.async_engine import AsyncEngine
+    from expo_serve.engine.llm_engine import EngineConfig, LLMEngine
+
+    pair = prepare_demo_pair(log=lambda m: print(m, file=sys.stderr))
+    corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
+    requests = make_workload(AutoTokenizer.from_pretrained(pair.aligned_dir), args.requests, args.seed, corpus)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    engines = {b: AsyncEngine(LLMEngine(EngineConfig(
+        sft=str(pair.sft_dir), aligned=str(pair.aligned_dir), max_num_seqs=args.concurrency,
+        max_model_len=args.max_model_len, kv_cache_bytes=int(args.kv_cache_gib * 2**30), max_num_batched_tokens=b)))
+        for b in budgets}
+    runs: dict[int, list[dict]] = {b: [] for b in budgets}
+
+    async def rounds():
+        for engine in engines.values():
+            await run_clients(requests[:4], 4, in_process(engine))  # warm-up
+        for attempt in range(args.max_attempts):
+            if min(sum(r["foreign"] <= args.max_foreign for r in rs) for rs in runs.values()) >= args.repeats:
+                break
+            await wait_for_quiet([os.getpid()], args.max_foreign, args.patience_s)
+            for budget, engine in engines.items():
+                with ForeignCpu([os.getpid()]) as foreign:
+                    wall, samples = await run_clients(requests, args.concurrency, in_process(engine))
+                runs[budget].append(summarize(wall, samples, foreign.seconds))
+                print(f"round {attempt + 1} budget {budget:<5} " + "  ".join(f"{k} {v:.3f}" for k, v in runs[budget][-1].items()),
+                      file=sys.stderr, flush=True)
+
+    try:
+        asyncio.run(rounds())
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    figures = {b: median_of([r for r in rs if r["foreign"] <= args.max_foreign] or rs) for b, rs in runs.items()}
+    first = figures[budgets[0]]
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+             f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
+             f"workload: {args.requests} chat requests, {args.concurrency} concurrent clients, θ_sft + dense Δ, "
+             f"α ∈ {ARMS}, greedy, EOS ignored; median of the clean rounds (other processes ≤ {args.max_foreign:.0%} of the CPUs)",
+             "", "| max_num_batched_tokens | tok/s | × first | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for budget, f in figures.items():
+        lines.append(f"| {budget} | {f['tok_s']:.1f} | {f['tok_s'] / first['tok_s']:.2f} | {f['ttft_p50']:.2f} s | "
+                     f"{f['ttft_p99']:.2f} s | {1000 * f['itl_p50']:.0f} ms | {1000 * f['itl_p99']:.0f} ms |")
+    print("\n".join(lines))
 
 
 def report_comparison(figures: dict, args, requests) -> None:
@@ -351,9 +415,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--compare", action="store_true",
                         help="whole servers one at a time: transformers serve and expo-serve (merged, Δ, sweep)")
+    parser.add_argument("--only", help="with --compare: only the servers whose labels start with these comma-separated prefixes")
+    parser.add_argument("--budgets", help="comma-separated step budgets (max_num_batched_tokens) to compare in-process")
     args = parser.parse_args()
     if args.compare:
         return compare_servers(args)
+    if args.budgets:
+        return compare_budgets(args)
 
     import torch
     from transformers import AutoTokenizer

@@ -1,7 +1,7 @@
 """expo-serve: serve ExPO-extrapolated LLMs live, with α chosen per request."""
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "sweep", "__version__"]
 
 
 def __getattr__(name):
@@ -14,4 +14,10 @@ def __getattr__(name):
         from .engine.request import SamplingParams
 
         return SamplingParams
+    if name == "sweep":
+        # The code lives in alpha_sweep/: a subpackage named `sweep` would replace this function
+        # with itself as soon as it was imported.
+        from .alpha_sweep import sweep
+
+        return sweep
     raise AttributeError(f"module 'expo_serve' has no attribute {name!r}")

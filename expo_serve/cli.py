@@ -105,6 +105,19 @@ def _cmd_demo(args) -> int:
                       admin_key=args.admin_key)
 
 
+def _cmd_sweep(args) -> int:
+    from .alpha_sweep import sweep
+
+    result = sweep(args.sft, delta=args.delta, aligned=args.aligned, prompts=args.prompts, alphas=args.alphas,
+                   judge=args.judge, out=args.out, n=args.n, arms=args.arms, temperature=args.temperature,
+                   max_tokens=args.max_tokens, beta=args.beta, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, alpha_min=args.alpha_min,
+                   alpha_max=args.alpha_max, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                   max_num_seqs=args.max_num_seqs)
+    print(result.summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expo-serve", description="Serve ExPO models with α chosen per request.")
     parser.add_argument("--version", action="version", version=f"expo-serve {__version__}")
@@ -151,6 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-key", help="key for the experiment admin routes")
     demo.add_argument("--no-serve", action="store_true", help="show the answers and exit without serving")
     demo.set_defaults(run=_cmd_demo)
+
+    sweep = commands.add_parser("sweep", help="generate every α of a grid in one batched run, judge the answers, recommend α",
+                                description="Writes OUT/samples.jsonl, results.json, results.csv, report.md, sweep.png "
+                                            "and experiments.yaml (α = 0 as control plus the best --arms candidates).")
+    sweep_model = sweep.add_mutually_exclusive_group(required=True)
+    sweep.add_argument("--sft", required=True, help="SFT model: HF folder, .gguf file or hub id")
+    sweep_model.add_argument("--delta", help="delta folder from `expo-serve delta build`")
+    sweep_model.add_argument("--aligned", help="aligned model (the delta is computed at load)")
+    sweep.add_argument("--prompts", required=True, help="JSONL file: one {\"prompt\": ...} or {\"messages\": [...]} a line, optional \"id\"")
+    sweep.add_argument("--alphas", required=True, help="α values, a list 0,0.1,0.3,1 or a range START:END:STEP such as 0:2:0.25 (end included); 0 is always added; write --alphas=-0.5,0,1 when the first is negative")
+    sweep.add_argument("--judge", required=True, help="implicit | reward-model:PATH | openai:URL[#MODEL] (URL as the openai client's base_url, e.g. http://127.0.0.1:8000/v1)")
+    sweep.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    sweep.add_argument("--n", type=_positive_int, default=1, help="samples per prompt and α (default: 1)")
+    sweep.add_argument("--arms", type=_positive_int, default=2, help="candidates besides α = 0 in experiments.yaml (default: 2)")
+    sweep.add_argument("--temperature", type=_finite_float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    sweep.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens per answer (default: 256)")
+    sweep.add_argument("--beta", type=_finite_float, default=0.1, help="β of the implicit judge (default: 0.1)")
+    sweep.add_argument("--top-p", type=_finite_float, default=1.0, help="nucleus sampling mass (default: 1)")
+    sweep.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 for off (default: 0)")
+    sweep.add_argument("--min-p", type=_finite_float, default=0.0, help="min-p sampling (default: 0)")
+    sweep.add_argument("--repetition-penalty", type=_finite_float, default=1.0, help="(default: 1, off)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of sampling and of the bootstrap (default: 0)")
+    sweep.add_argument("--alpha-min", type=_finite_float, default=-1.0, help="lowest α allowed, as for serve (default: -1)")
+    sweep.add_argument("--alpha-max", type=_finite_float, default=25.0, help="highest α allowed, as for serve (default: 25)")
+    sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    sweep.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default: float32)")
+    sweep.add_argument("--max-model-len", type=_positive_int, help="context window (default: the model's, at most 4096)")
+    sweep.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences decoded together (default: 64)")
+    sweep.set_defaults(run=_cmd_sweep)
     return parser
 
 

@@ -12,12 +12,27 @@ class LLM:
 
     Without `delta` or `aligned` the model is served as it is (every Δ zero): that is how a
     merged checkpoint runs on the same engine.
+
+    `tensor_parallel_size=N` splits W and Δ over N ranks: this process and N-1 worker processes
+    it starts (one CUDA device each on CUDA, gloo on a CPU). `close()` (or a `with` block) stops
+    them; so does the interpreter's exit. The workers are spawned, so a script that makes one needs
+    the `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, sft: str, delta: str | None = None, aligned: str | None = None, *, dtype: str = "float32",
-                 device: str = "cpu", **engine_options):
-        self.engine = LLMEngine(EngineConfig(sft=sft, delta=delta, aligned=aligned, dtype=dtype, device=device, **engine_options))
+                 device: str = "cpu", tensor_parallel_size: int = 1, **engine_options):
+        self.engine = LLMEngine(EngineConfig(sft=sft, delta=delta, aligned=aligned, dtype=dtype, device=device,
+                                             tensor_parallel_size=tensor_parallel_size, **engine_options))
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -122,3 +122,35 @@ def test_cache_keeps_its_slots_under_more_live_alphas_than_slots():
         cache.plan([0.2])
     assert 0.2 in cache.cached and len(cache.cached) == 2 and len(dropped) == 1
     assert cache.bytes_held <= 250
+
+
+def test_slots_are_filled_only_where_the_step_runs_merged():
+    from expo_serve.engine.model_runner import worth_a_slot
+
+    assert worth_a_slot({0.3: 16}, {}) == [0.3]  # a single-α decode step: merged halves its cost
+    assert worth_a_slot({0.0: 6, 0.3: 5, 1.0: 5}, {}) == []  # three decode arms run fused: no memory for nothing
+    assert worth_a_slot({0.3: 200}, {}) == [0.3]  # one α in the step: every layer runs merged
+    assert worth_a_slot({0.3: 200, 1.0: 150}, {}) == []  # prefill groups: the torch path merges them on the fly
+    assert worth_a_slot({0.3: 12, 1.0: 4}, {0.3: 0}) == []  # a small fused group beside a cached one
+
+
+def test_mixed_arms_hold_no_merged_weights_and_one_alpha_fills_one_slot(pairs):
+    pair = pairs("llama")
+    llm = LLM(str(pair[0]), aligned=str(pair[1]), alpha_cache_bytes=1 << 30)
+    cache = llm.engine.runner.alpha_cache
+    mixed = llm.generate(PROMPTS[:3], [_params(a) for a in (0.0, 0.3, 2.5)])
+    assert cache.cached == {} and held_bytes(llm) == 0  # every step mixed three α: all fused
+    assert_reference_tokens(pair, llm, PROMPTS[:3], (0.0, 0.3, 2.5), mixed)
+    alone = llm.generate(PROMPTS[1], _params(0.3))[0]
+    assert list(cache.cached) == [0.3] and held_bytes(llm) == slot_bytes(llm)
+    assert alone.token_ids == mixed[1].token_ids
+
+
+def test_the_cpu_default_holds_one_alpha_and_serves_a_single_alpha_merged(pairs):
+    pair = pairs("llama")
+    llm = LLM(str(pair[0]), aligned=str(pair[1]))  # the engine's own default budget
+    cache = llm.engine.runner.alpha_cache
+    assert cache.capacity == 1
+    out = llm.generate(PROMPTS[0], _params(0.3))[0]
+    assert list(cache.cached) == [0.3] and held_bytes(llm) == slot_bytes(llm)
+    assert_reference_tokens(pair, llm, PROMPTS[:1], [0.3], [out])

@@ -66,6 +66,7 @@ class SafetensorsReader:
             if self._data_start + end > size:
                 raise ExpoError(f"{self.path} is truncated: tensor {name} ends at byte {self._data_start + end} of a {size}-byte file")
             self._entries[name] = (_DTYPES[code], shape, int(start), int(end))
+        self._mapped = None  # safe_open's handle, opened on the first sliced read
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -90,6 +91,31 @@ class SafetensorsReader:
         if dtype == torch.bool:
             return raw.view(torch.bool).reshape(shape)
         return raw.view(dtype).reshape(shape)
+
+    def get_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, read through the memory-mapped
+        `safe_open(...).get_slice`: only the slice's bytes are touched (a tensor-parallel rank's
+        shard). dim None reads the whole tensor."""
+        if dim is None:
+            return self.get(name)
+        if self._mapped is None:
+            from safetensors import safe_open
+
+            self._mapped = safe_open(str(self.path), framework="pt")
+        view = self._mapped.get_slice(name)
+        return (view[start:stop] if dim == 0 else view[:, start:stop]).contiguous()
+
+    def sample(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """The values at flat positions `index` (a fingerprint's sample), each read from the
+        memory-mapped file, so a sample of a large tensor costs a few pages, not the tensor."""
+        import numpy as np
+
+        dtype, shape, start, end = self._entries[name]
+        size = torch.empty(0, dtype=dtype).element_size()
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + start, shape=(end - start,))
+        offsets = index.numpy()[:, None] * size + np.arange(size)[None, :]
+        raw = torch.from_numpy(np.ascontiguousarray(mapped[offsets.reshape(-1)]))
+        return raw.view(dtype)
 
 
 class StreamingSafetensorsWriter:

@@ -105,6 +105,16 @@ class ModelSource(ABC):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._stored_shape(self._resolve(name)))
 
+    def get_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a parameter (dim None: all of it).
+        A folder reads only the slice; other sources hold the tensor in memory anyway."""
+        tensor = self.get(name)
+        return tensor if dim is None else tensor.narrow(dim, start, stop - start).clone()
+
+    def sample(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """The values at flat positions `index` of a parameter."""
+        return self.get(name).reshape(-1)[index]
+
     def check_complete(self) -> None:
         """Fail early, naming the first parameter the checkpoint lacks."""
         for name in self.parameter_names:
@@ -167,6 +177,14 @@ class FolderSource(ModelSource):
 
     def _stored_shape(self, stored_name: str) -> tuple[int, ...]:
         return self._files[stored_name].shape(stored_name)
+
+    def get_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        stored = self._resolve(name)
+        return self._files[stored].get_slice(stored, dim, start, stop)
+
+    def sample(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        stored = self._resolve(name)
+        return self._files[stored].sample(stored, index)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

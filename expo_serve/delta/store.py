@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from expo_kernels import EncodedDelta, from_parts
+from expo_kernels import EncodedDelta, from_parts, shard_delta
 
 from ..errors import ExpoError
 from .safetensors_io import SafetensorsReader
@@ -47,11 +47,20 @@ class Fingerprint:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
-        if flat.numel() > _SAMPLES_PER_TENSOR:
-            index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, dtype=torch.float64).round().long()
-            flat = flat[index.to(flat.device)]
-        sample = flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-        self._parts[name] = f"{name}:{tuple(tensor.shape)}:".encode() + hashlib.sha256(sample).digest()
+        index = self.sample_index(flat.numel())
+        self.add_sample(name, tuple(tensor.shape), flat if index is None else flat[index.to(flat.device)])
+
+    @staticmethod
+    def sample_index(numel: int) -> torch.Tensor | None:
+        """The flat positions sampled from a tensor of `numel` values (None: all of them)."""
+        if numel <= _SAMPLES_PER_TENSOR:
+            return None
+        return torch.linspace(0, numel - 1, _SAMPLES_PER_TENSOR, dtype=torch.float64).round().long()
+
+    def add_sample(self, name: str, shape: tuple[int, ...], values: torch.Tensor) -> None:
+        """Add a parameter from its sampled values alone (a tensor-parallel rank reads no whole tensor)."""
+        sample = values.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        self._parts[name] = f"{name}:{tuple(shape)}:".encode() + hashlib.sha256(sample).digest()
 
     def hexdigest(self) -> str:
         digest = hashlib.sha256()
@@ -128,6 +137,20 @@ class DeltaCheckpoint:
                 raise ExpoError(f"{self.folder / where['file']} lacks {where['key']}: the delta is incomplete")
             parts[part] = reader.get(where["key"])
         return from_parts(entry.encoding, entry.shape, parts, entry.params)
+
+    def load_shard(self, name: str, dim: int, start: int, stop: int) -> EncodedDelta:
+        """The Δ of rows (dim 0) or columns (dim 1) [start, stop) of a tensor, from slices of its
+        stored parts (a tensor-parallel rank's shard; expo_kernels.shard_delta says which)."""
+        entry = self.entries[name]
+
+        def read(part: str, part_dim: int | None, part_start: int, part_stop: int) -> torch.Tensor:
+            where = entry.parts[part]
+            reader = self._reader(where["file"])
+            if where["key"] not in reader:
+                raise ExpoError(f"{self.folder / where['file']} lacks {where['key']}: the delta is incomplete")
+            return reader.get_slice(where["key"], part_dim, part_start, part_stop)
+
+        return shard_delta(entry.encoding, entry.shape, entry.params, read, dim, start, stop)
 
     def __iter__(self) -> Iterator[tuple[str, EncodedDelta]]:
         for name in self.entries:

@@ -68,12 +68,19 @@ class AsyncEngine:
         """The counts after the last step (safe to read from any thread)."""
         return self._stats
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer run (a tensor-parallel rank died), or None."""
+        return self.engine.failure
+
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step it takes part in; the last is finished.
 
         Raises InvalidRequest before the first output if the request cannot be served."""
         request_id = request_id or uuid.uuid4().hex
+        if self.engine.failure is not None:
+            raise RuntimeError(f"generation failed: {self.engine.failure}")
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         accepted: Future = Future()
@@ -101,18 +108,24 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Let running requests finish (up to `timeout` seconds), then stop the thread."""
+        """Let running requests finish (up to `timeout` seconds), then stop the thread and the
+        engine's tensor-parallel workers, if any."""
         self._commands.put(("drain",))
-        self._thread.join(timeout)
+        # A failed engine has nothing to finish (its thread may even be stuck in a dead rank's collective).
+        self._thread.join(timeout if self.engine.failure is None else 1.0)
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(5.0)
+        self.engine.close()
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         draining = False
         with torch.inference_mode():
             while not self._stop.is_set():
+                if self.engine.failure is not None:
+                    self._fail_all(self.engine.failure)
+                    return
                 draining |= self._take_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     self._step()
@@ -140,6 +153,22 @@ class AsyncEngine:
                 break
         self._stats = self.engine.stats()
         return draining
+
+    def _fail_all(self, reason: str) -> None:
+        """The engine cannot run again: every request in flight or waiting ends with the reason."""
+        error = RuntimeError(f"generation failed: {reason}")
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        for sink in self._sinks.values():
+            sink.put(error)
+        self._sinks.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add" and command[5].set_running_or_notify_cancel():
+                command[5].set_exception(error)
 
     def _add(self, request_id, prompt, params, sink: _Sink, accepted: Future) -> None:
         if not accepted.set_running_or_notify_cancel():  # the caller gave up before its turn

@@ -28,7 +28,10 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # Tokens one step computes at most. Default: 2048 on CUDA; 512 on a CPU, where a step's prefill
+    # costs in full and every new request waits for the step in flight: at 512 the first token comes
+    # 2.5× sooner at p50 for the same throughput (bench/RESULTS.md, issue 12).
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # default: the model's, at most 4096
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_bytes or free memory
@@ -36,13 +39,16 @@ class EngineConfig:
     alpha: AlphaRange = field(default_factory=AlphaRange)  # the α served, and the default
     enforce_eager: bool = False  # on CUDA, do not capture decode steps in CUDA graphs
     # Merged weights for the hot α values (engine/model_runner.py, AlphaCache). Default: on a CPU, where the
-    # second product costs in full, up to 2 GiB (at most an eighth of available memory); on CUDA
+    # second product costs in full, one α's worth (if at most an eighth of available memory); on CUDA
     # none, since decode there is bound by bytes and a merged copy per α only adds bytes.
     alpha_cache_bytes: int | None = None
+    # Ranks the model is split over (engine/tp_workers.py): rank 0 is this process, the others are
+    # worker processes it starts. The KV-cache size (kv_cache_bytes, or the automatic one) is per rank.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) <= 0:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
@@ -69,22 +75,45 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
+        self.failure: str | None = None  # why the engine can no longer step (a tensor-parallel rank died)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a tensor-parallel engine loads its shards itself; pass no loaded model")
+            from .tp_workers import Workers
+
+            spec = dict(sft=config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype, device=config.device)
+            self.workers, loaded = Workers.start(spec, config.tensor_parallel_size, self._fail)
         self.loaded = loaded or load_model(config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype,
                                            device=config.device, max_positions=None)
         self.tokenizer = self.loaded.tokenizer
         model_len = int(getattr(self.loaded.config, "max_position_embeddings", 4096))
         self.max_model_len = min(config.max_model_len or min(model_len, 4096), model_len)
-        per_block = kv_bytes_per_block(self.loaded.config, config.block_size, self.loaded.dtype)
-        num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or auto_kv_cache_bytes(self.loaded.device)) // per_block)
+        per_block = kv_bytes_per_block(self.loaded.config, config.block_size, self.loaded.dtype, self.loaded.model.kv_heads)
+        auto_bytes = auto_kv_cache_bytes(self.loaded.device)
+        if self.workers is not None and self.loaded.device.type == "cpu":
+            auto_bytes //= config.tensor_parallel_size  # the ranks share one machine's memory
+        num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or auto_bytes) // per_block)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        step_tokens = config.max_num_batched_tokens or (2048 if self.loaded.device.type == "cuda" else 512)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_tokens)
         cache_bytes = config.alpha_cache_bytes if config.alpha_cache_bytes is not None \
-            else default_alpha_cache_bytes(self.loaded.device)
-        self.runner = ModelRunner(self.loaded, config.block_size, num_blocks, max_num_seqs=config.max_num_seqs,
+            else default_alpha_cache_bytes(self.loaded.device, self.loaded.model.alpha_slot_bytes)
+        make_runner = ModelRunner if self.workers is None else self.workers.runner
+        self.runner = make_runner(self.loaded, config.block_size, num_blocks, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager,
                                   alpha_cache_bytes=cache_bytes)
         self.requests: dict[str, _Request] = {}
         self.vocab_size = int(self.loaded.config.vocab_size)
+
+    def _fail(self, reason: str) -> None:
+        """A tensor-parallel worker died (called from its monitor thread): no step can run again."""
+        self.failure = reason
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single rank holds nothing to stop)."""
+        if self.workers is not None:
+            self.workers.close()
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -160,6 +189,8 @@ class LLMEngine:
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the current output of every request that progressed."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         batch = self.scheduler.schedule()
         if not batch:
             return []

@@ -22,14 +22,35 @@ from .scheduler import ScheduledSeq
 
 
 @dataclass
+class StepInputs:
+    """One step's inputs as host lists: all a rank needs to run the model on it (rank 0 sends
+    them to tensor-parallel workers). Row-level fields have one entry per token row, in batch
+    order; `tables` holds each sequence's block table padded to the longest."""
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # flat KV-cache slot of each row
+    context_lens: list[int]
+    seq_index: list[int]
+    query_index: list[int]
+    tables: list[int]
+    query_lens: list[int]
+    alphas: list[float]
+    row_slots: list[int | None] | None  # each row's α-cache slot (None: fused), or None for no cached row
+    logit_rows: list[list[int]]  # the groups of rows whose logits are computed, in order
+    graphable: bool  # a decode step a CUDA graph may run
+
+
+@dataclass
 class StepLogits:
     """Logits of the rows whose next token is sampled, in batch order, and their sequences."""
     logits: torch.Tensor  # [R, V] float32
     sampled: list[ScheduledSeq]
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config)
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, kv_heads: int | None = None) -> int:
+    """Bytes of one KV block of `kv_heads` heads (default: all of the model's; a tensor-parallel
+    rank holds its own)."""
+    per_token = 2 * config.num_hidden_layers * (kv_heads or config.num_key_value_heads) * head_dim_of(config)
     return per_token * block_size * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -59,11 +80,27 @@ def merged_is_cheaper(rows: dict[float, int], slots: dict[float, int]) -> bool:
     return merged < 2 * product_cost(sum(rows.values()))
 
 
-def default_alpha_cache_bytes(device: torch.device) -> int:
+def worth_a_slot(rows: dict[float, int], cached: dict[float, int]) -> list[float]:
+    """The α values of this step that may take a free slot: only where the step would then run
+    merged, and in a step of several α only for groups smaller than MERGE_MIN_ROWS (the torch path
+    merges larger ones on the fly). So slots are filled for steps of one α, where they halve the
+    cost of every layer, and not for mixed arms that the rule runs fused anyway: those would hold
+    memory for nothing (bench/RESULTS.md, issue 12)."""
+    small = [alpha for alpha, n in rows.items()
+             if alpha not in cached and (n < MERGE_MIN_ROWS or len(rows) == 1)]
+    would_hold = {alpha: 0 for alpha in rows if alpha in cached or alpha in small}
+    return small if small and merged_is_cheaper(rows, would_hold) else []
+
+
+def default_alpha_cache_bytes(device: torch.device, slot_bytes: int) -> int:
+    """On a CPU, room for one α's merged weights when that is at most an eighth of the available
+    memory: a step of one α (the default α's traffic, or an arm's tail) then costs one product,
+    not two, and mixed steps run fused whatever the budget (worth_a_slot), so more slots would
+    only hold memory. On CUDA none: decode there is bound by bytes, and a merged copy adds bytes."""
     if device.type == "cuda":
         return 0
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(available // 8, 2 * 1024**3))
+    return slot_bytes if slot_bytes <= available // 8 else 0
 
 
 class ModelRunner:
@@ -76,7 +113,7 @@ class ModelRunner:
         config = loaded.config
         layers = config.num_hidden_layers
         # One block past the allocator's: the scratch block that CUDA-graph padding rows write to.
-        shape = (layers, num_blocks + 1, block_size, config.num_key_value_heads, head_dim_of(config))
+        shape = (layers, num_blocks + 1, block_size, self.model.kv_heads, head_dim_of(config))
         self.k_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
@@ -91,8 +128,13 @@ class ModelRunner:
             self.graphs.capture()
         self.alpha_cache = None
         if alpha_cache_bytes > 0 and self.model.has_delta:
-            self.alpha_cache = AlphaCache(alpha_cache_bytes, self.model.alpha_slot_bytes, self.model.fill_alpha_slot,
-                                          self.model.drop_alpha_slot)
+            self.alpha_cache = AlphaCache(alpha_cache_bytes, self.model.alpha_slot_bytes, self._fill_slot, self._drop_slot)
+
+    def _fill_slot(self, slot: int, alpha: float) -> None:
+        self.model.fill_alpha_slot(slot, alpha)
+
+    def _drop_slot(self, slot: int) -> None:
+        self.model.drop_alpha_slot(slot)
 
     def _by_alpha(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], dict[float, int]]:
         """Which α groups of this step run on merged weights (their slots), and the batch ordered
@@ -102,16 +144,29 @@ class ModelRunner:
         rows: dict[float, int] = {}
         for item in batch:
             rows[item.seq.alpha] = rows.get(item.seq.alpha, 0) + item.num_new_tokens
-        slots = self.alpha_cache.plan(rows)
+        slots = self.alpha_cache.plan(rows, admit=worth_a_slot(rows, self.alpha_cache.cached))
         if not slots or not merged_is_cheaper(rows, slots):
             return batch, {}
         return sorted(batch, key=lambda item: (item.seq.alpha not in slots, slots.get(item.seq.alpha, 0))), slots
 
-    def _context(self, batch: list[ScheduledSeq], alpha_slots: dict[float, int]) -> tuple[torch.Tensor, StepContext]:
+    def _inputs(self, batch: list[ScheduledSeq], alpha_slots: dict[float, int]):
+        """The step's StepInputs, and for rank 0's bookkeeping the prompt rows scored (sequence,
+        row, target position) and the items sampled."""
         token_ids, positions, slots, alphas, seq_index, query_index = [], [], [], [], [], []
+        sampled_rows, sampled, prompt_rows = [], [], []
         bs = self.block_size
         for b, item in enumerate(batch):
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            offset = len(token_ids)
+            if seq.prompt_logprobs is not None:
+                # Row at position p predicts token p+1; only prompt tokens are scored, once
+                # (a preempted sequence recomputes rows it has already scored).
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                prompt_rows.extend((seq, offset + p - start, p + 1) for p in range(first, last))
+            if item.completes:
+                sampled_rows.append(offset + n - 1)
+                sampled.append(item)
             token_ids.extend(seq.token_ids[start:start + n])
             for pos in range(start, start + n):
                 positions.append(pos)
@@ -122,25 +177,36 @@ class ModelRunner:
         max_blocks = max(len(item.seq.block_table) for item in batch)
         tables = [t for item in batch for t in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
         context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in batch]
+        query_lens = [item.num_new_tokens for item in batch]
+        row_slots = [alpha_slots.get(a) for a in alphas] if alpha_slots else None
+        scoring = any(item.seq.prompt_logprobs is not None for item in batch)
+        logit_rows = [group for group in ([r for _, r, _ in prompt_rows], sampled_rows) if group]
+        inputs = StepInputs(token_ids, positions, slots, context_lens, seq_index, query_index, tables, query_lens, alphas,
+                            row_slots, logit_rows, graphable=all(n == 1 for n in query_lens) and not scoring and row_slots is None)
+        return inputs, prompt_rows, sampled
+
+    def _context(self, inputs: StepInputs) -> tuple[torch.Tensor, StepContext]:
         # Two host-to-device copies a step, one per dtype, each from pinned memory without waiting;
         # every field is a view of one of the two buffers.
-        longs = self._to_device([token_ids, positions, slots, context_lens, seq_index, query_index, tables], torch.int64)
+        longs = self._to_device([inputs.token_ids, inputs.positions, inputs.slots, inputs.context_lens, inputs.seq_index,
+                                 inputs.query_index, inputs.tables], torch.int64)
         # (1+α) rounded once from double, as the reference merge rounds it.
-        floats = self._to_device([alphas, [1.0 + a for a in alphas]], torch.float32)
+        floats = self._to_device([inputs.alphas, [1.0 + a for a in inputs.alphas]], torch.float32)
         token_rows, positions_d, slots_d, lens_d, seq_index_d, query_index_d, tables_d = longs
+        num_seqs = len(inputs.query_lens)
         ctx = StepContext(
             alpha=floats[0],
             scale=floats[1],
             positions=positions_d,
             slot_mapping=slots_d,
-            block_tables=tables_d.view(len(batch), max_blocks),
+            block_tables=tables_d.view(num_seqs, len(inputs.tables) // num_seqs),
             context_lens=lens_d,
-            query_lens=[item.num_new_tokens for item in batch],
-            max_context_len=max(context_lens),
+            query_lens=inputs.query_lens,
+            max_context_len=max(inputs.context_lens),
             seq_index=seq_index_d,
             query_index=query_index_d,
-            is_decode_only=all(item.num_new_tokens == 1 for item in batch),
-            row_slots=[alpha_slots.get(a) for a in alphas] if alpha_slots else None,
+            is_decode_only=all(n == 1 for n in inputs.query_lens),
+            row_slots=inputs.row_slots,
         )
         return token_rows, ctx
 
@@ -155,34 +221,26 @@ class ModelRunner:
         """Run the batch; record prompt logprobs where asked; return the logits to sample from (in
         the order of the returned `sampled`, which may differ from the batch's)."""
         batch, alpha_slots = self._by_alpha(batch)
-        token_ids, ctx = self._context(batch, alpha_slots)
+        inputs, prompt_rows, sampled = self._inputs(batch, alpha_slots)
+        logits = self.run(inputs)
+        if prompt_rows:
+            self._score_prompt(logits[0], prompt_rows)
+        if not sampled:
+            return StepLogits(torch.empty(0), [])
+        return StepLogits(logits[-1], sampled)
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> list[torch.Tensor]:
+        """The model over one step's inputs; the logits of each group of `inputs.logit_rows`.
+        (Tensor-parallel workers run exactly this on the inputs rank 0 sends them.)"""
+        token_ids, ctx = self._context(inputs)
         set_context(ctx)
         try:
-            scoring = any(item.seq.prompt_logprobs is not None for item in batch)
-            graphable = ctx.is_decode_only and not scoring and ctx.row_slots is None
-            if self.graphs is not None and graphable and self.graphs.fits(len(batch)):
+            if self.graphs is not None and inputs.graphable and self.graphs.fits(ctx.num_seqs):
                 hidden = self.graphs.run(token_ids, ctx)
             else:
                 hidden = self.model(token_ids, ctx.positions)
-            rows, sampled, prompt_rows = [], [], []
-            offset = 0
-            for item in batch:
-                seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-                if seq.prompt_logprobs is not None:
-                    # Row at position p predicts token p+1; only prompt tokens are scored, once
-                    # (a preempted sequence recomputes rows it has already scored).
-                    first = max(start, len(seq.prompt_logprobs) - 1)
-                    last = min(start + n, seq.num_prompt_tokens - 1)
-                    prompt_rows.extend((seq, offset + p - start, p + 1) for p in range(first, last))
-                if item.completes:
-                    rows.append(offset + n - 1)
-                    sampled.append(item)
-                offset += n
-            if prompt_rows:
-                self._score_prompt(hidden, ctx, prompt_rows)
-            if not rows:
-                return StepLogits(torch.empty(0), [])
-            return StepLogits(self._logits(hidden, ctx, rows), sampled)
+            return [self._logits(hidden, ctx, rows) for rows in inputs.logit_rows]
         finally:
             set_context(None)
 
@@ -192,8 +250,7 @@ class ModelRunner:
         set_context(ctx.rows(index, rows))
         return self.model.compute_logits(hidden.index_select(0, index))
 
-    def _score_prompt(self, hidden: torch.Tensor, ctx: StepContext, prompt_rows) -> None:
-        logits = self._logits(hidden, ctx, [r for _, r, _ in prompt_rows])
+    def _score_prompt(self, logits: torch.Tensor, prompt_rows) -> None:
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor([seq.token_ids[p] for seq, _, p in prompt_rows], dtype=torch.int64, device=self.device)
         k = max(seq.params.prompt_logprobs for seq, _, _ in prompt_rows)
@@ -215,7 +272,8 @@ class ModelRunner:
 # within a byte budget (every slot costs the bytes of all merged weights, measured from the
 # tensors). The model holds the tensors (ExpoForCausalLM.fill_alpha_slot / drop_alpha_slot).
 #
-# An α gets a slot on demand, when it is in a step's batch and a slot is free, or when the least
+# An α gets a slot on demand, when a step's batch would run it merged (`worth_a_slot`: a small
+# group in a step the cost rule runs merged) and a slot is free, or when the least
 # recently used slot has been idle for `min_idle_steps` steps: with more live α values than slots
 # (a sweep), the first ones keep their slots instead of the cache thrashing. Decisions read only
 # host values (the scheduler's α per sequence), never a device tensor.
@@ -243,15 +301,17 @@ class AlphaCache:
     def bytes_held(self) -> int:
         return len(self._slots) * self.slot_bytes
 
-    def plan(self, alphas: Iterable[float]) -> dict[float, int]:
-        """The slot of every α of this step that has (or now gets) merged weights."""
+    def plan(self, alphas: Iterable[float], admit: Iterable[float] | None = None) -> dict[float, int]:
+        """The slot of every α of this step that has (or now gets) merged weights; only the α in
+        `admit` (default: all) may take a slot they do not hold yet."""
         self._step += 1
         live = list(dict.fromkeys(alphas))
+        admissible = set(live if admit is None else admit)
         for alpha in live:
             if alpha in self._slots:
                 self._touch(alpha)
         for alpha in live:
-            if alpha not in self._slots and self.capacity:
+            if alpha not in self._slots and alpha in admissible and self.capacity:
                 self._admit(alpha, live)
         return {alpha: self._slots[alpha] for alpha in live if alpha in self._slots}
 

@@ -133,15 +133,27 @@ def layer_window(config, index: int) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+def row_parallel(tp, in_features: int, shards: dict[str, int], **options) -> ExpoLinear:
+    """o_proj, down_proj: split along their inputs under tensor parallelism (model/parallel.py)."""
+    if tp is None:
+        return ExpoLinear(in_features, shards, **options)
+    from .parallel import RowParallelExpoLinear
+
+    return RowParallelExpoLinear(tp, in_features, shards, **options)
+
+
 class ExpoAttentionBlock(nn.Module):
-    def __init__(self, config, prefix: str, params: set[str], index: int, rotary: RotaryEmbedding, dtype, device):
+    def __init__(self, config, prefix: str, params: set[str], index: int, rotary: RotaryEmbedding, dtype, device, tp=None):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        # Under tensor parallelism this rank's heads only (model/parallel.py).
+        self.num_heads, self.num_kv_heads = ((config.num_attention_heads, config.num_key_value_heads) if tp is None
+                                             else tp.local_heads(config)[:2])
         self.head_dim = head_dim_of(config)
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = ExpoLinear(config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv},
                                    bias=f"{prefix}.q_proj.bias" in params, dtype=dtype, device=device)
-        self.o_proj = ExpoLinear(q, {"o_proj": config.hidden_size}, bias=f"{prefix}.o_proj.bias" in params, dtype=dtype, device=device)
+        self.o_proj = row_parallel(tp, q, {"o_proj": config.hidden_size}, bias=f"{prefix}.o_proj.bias" in params,
+                                   dtype=dtype, device=device)
         self.rotary = [rotary]  # shared by every layer; a list keeps it out of this module's children
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_window(config, index))
 
@@ -156,14 +168,15 @@ class ExpoAttentionBlock(nn.Module):
 
 
 class ExpoMLP(nn.Module):
-    def __init__(self, config, prefix: str, params: set[str], dtype, device):
+    def __init__(self, config, prefix: str, params: set[str], dtype, device, tp=None):
         super().__init__()
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"activation {config.hidden_act!r} is not supported (the Llama family uses silu)")
-        inter = config.intermediate_size
+        inter = config.intermediate_size // (1 if tp is None else tp.size)
         self.gate_up_proj = ExpoLinear(config.hidden_size, {"gate_proj": inter, "up_proj": inter},
                                        bias=f"{prefix}.gate_proj.bias" in params, dtype=dtype, device=device)
-        self.down_proj = ExpoLinear(inter, {"down_proj": config.hidden_size}, bias=f"{prefix}.down_proj.bias" in params, dtype=dtype, device=device)
+        self.down_proj = row_parallel(tp, inter, {"down_proj": config.hidden_size}, bias=f"{prefix}.down_proj.bias" in params,
+                                      dtype=dtype, device=device)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -171,14 +184,14 @@ class ExpoMLP(nn.Module):
 
 
 class ExpoDecoderLayer(nn.Module):
-    def __init__(self, config, index: int, params: set[str], rotary, dtype, device):
+    def __init__(self, config, index: int, params: set[str], rotary, dtype, device, tp=None):
         super().__init__()
         prefix = f"model.layers.{index}"
         eps = config.rms_norm_eps
         self.input_layernorm = ExpoRMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
-        self.self_attn = ExpoAttentionBlock(config, f"{prefix}.self_attn", params, index, rotary, dtype, device)
+        self.self_attn = ExpoAttentionBlock(config, f"{prefix}.self_attn", params, index, rotary, dtype, device, tp)
         self.post_attention_layernorm = ExpoRMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
-        self.mlp = ExpoMLP(config, f"{prefix}.mlp", params, dtype, device)
+        self.mlp = ExpoMLP(config, f"{prefix}.mlp", params, dtype, device, tp)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h))
@@ -186,12 +199,17 @@ class ExpoDecoderLayer(nn.Module):
 
 
 class ExpoDecoder(nn.Module):
-    def __init__(self, config, params: set[str], max_positions: int, dtype, device):
+    def __init__(self, config, params: set[str], max_positions: int, dtype, device, tp=None):
         super().__init__()
-        self.embed_tokens = ExpoEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        if tp is None:
+            self.embed_tokens = ExpoEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        else:
+            from .parallel import VocabParallelEmbedding
+
+            self.embed_tokens = VocabParallelEmbedding(tp, config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(config, max_positions, device)
         self.layers = nn.ModuleList(
-            ExpoDecoderLayer(config, i, params, self.rotary, dtype, device) for i in range(config.num_hidden_layers)
+            ExpoDecoderLayer(config, i, params, self.rotary, dtype, device, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = ExpoRMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
 
@@ -203,16 +221,31 @@ class ExpoDecoder(nn.Module):
 
 
 class ExpoForCausalLM(nn.Module):
-    """Forward over a flat batch of token rows; logits only for the rows that need them."""
+    """Forward over a flat batch of token rows; logits only for the rows that need them.
 
-    def __init__(self, config, params: list[str], tied_lm_head: bool, max_positions: int, dtype, device):
+    With `tp` (model/parallel.TensorParallel) this is one rank's shard: its heads, its share of the
+    MLP and of the vocabulary; the logits of every rank are gathered on rank 0 (the others get
+    an empty [R, 0])."""
+
+    def __init__(self, config, params: list[str], tied_lm_head: bool, max_positions: int, dtype, device, tp=None):
         super().__init__()
         names = set(params)
         self.config = config
-        self.model = ExpoDecoder(config, names, max_positions, dtype, device)
+        self.tp = tp
+        self.model = ExpoDecoder(config, names, max_positions, dtype, device, tp)
         self.tied_lm_head = tied_lm_head
-        if not tied_lm_head:
+        if not tied_lm_head and tp is None:
             self.lm_head = ExpoLinear(config.hidden_size, {"lm_head": config.vocab_size}, bias=False, dtype=dtype, device=device)
+        elif not tied_lm_head:
+            from .parallel import ParallelLMHead
+
+            self.lm_head = ParallelLMHead(tp, config.hidden_size, {"lm_head": config.vocab_size // tp.size}, bias=False,
+                                          dtype=dtype, device=device)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of this rank's KV cache."""
+        return self.model.layers[0].self_attn.num_kv_heads
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids, positions)

@@ -9,6 +9,7 @@ Tokenizer, chat template and generation defaults come from the aligned model whe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,48 +47,66 @@ def load_model(
     device: str | torch.device = "cpu",
     max_positions: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    tp=None,
+    checks: bool = True,
 ) -> LoadedModel:
     """`sft` and `aligned` are anything open_source takes (a ModelSource too). With `aligned`,
-    Δ is encoded as `aligned_encoding` (default group size and rank) once computed."""
+    Δ is encoded as `aligned_encoding` (default group size and rank) once computed.
+
+    With `tp` (model/parallel.TensorParallel) only this rank's slices of θ_sft and Δ are read and
+    held. `checks=False` (a tensor-parallel worker, whose rank 0 has checked the pair and the
+    delta's base) skips those checks and the tokenizer."""
     if delta and aligned:
         raise ExpoError("give either a delta folder or an aligned model, not both")
+    if tp is not None and aligned and aligned_encoding != "dense":
+        raise ExpoError("with tensor parallelism a Δ computed from the aligned model is kept dense; build a delta "
+                        f"folder (expo-serve delta build --format {aligned_encoding}) to serve it {aligned_encoding}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     base = open_source(sft)
     if base.architecture not in SUPPORTED_ARCHITECTURES:
         raise ExpoError(f"{base.spec} is a {base.architecture}; expo-serve runs {', '.join(SUPPORTED_ARCHITECTURES)}")
     checkpoint = aligned_source = None
+    tokenizer, eos = None, []
     if delta:
         checkpoint = DeltaCheckpoint(delta)
         checkpoint.check_layout(base)
-        tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta)
+        if checks:
+            tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta)
     elif aligned:
         aligned_source = open_source(aligned)
-        verify_pair(base, aligned_source)
-        tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
-    else:
+        if checks:
+            verify_pair(base, aligned_source)
+            tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
+    elif checks:
         tokenizer, eos = _tokenizer_and_eos_from_source(base)
 
     config = base.config
+    if tp is not None:
+        tp.check(config, tp.size)
     positions = max_positions or int(getattr(config, "max_position_embeddings", 4096))
     names = base.parameter_names
-    model = ExpoForCausalLM(config, names, "lm_head.weight" in base.tied, positions, dtype, device)
+    model = ExpoForCausalLM(config, names, "lm_head.weight" in base.tied, positions, dtype, device, tp)
     fingerprint = Fingerprint()
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), name)
-        tensor = base.get(name)
-        fingerprint.add(name, tensor)
+        split = None if tp is None else tp.split(name, config)
+        tensor = base.get(name) if split is None else base.get_slice(name, *split)
+        if checkpoint is not None and checks:
+            _fingerprint(fingerprint, base, name, tensor if split is None else None)
         module, shard, kind = model.module_for(name)
         module.load_base(shard, kind, tensor.to(device=device, dtype=dtype))
         if checkpoint is not None:
-            module.load_delta(shard, kind, _on_device(checkpoint.load(name), device, dtype))
+            encoded = checkpoint.load(name) if split is None else checkpoint.load_shard(name, *split)
+            module.load_delta(shard, kind, _on_device(encoded, device, dtype))
         elif aligned_source is not None:
-            exact = aligned_source.get(name).to(device, torch.float32) - tensor.to(device, torch.float32)
+            other = aligned_source.get(name) if split is None else aligned_source.get_slice(name, *split)
+            exact = other.to(device, torch.float32) - tensor.to(device, torch.float32)
             chosen = aligned_encoding if torch.any(exact) else "zero"
             encoded: EncodedDelta = encode_delta(exact, chosen, group_size=DEFAULT_GROUP_SIZE, rank=DEFAULT_RANK)
             module.load_delta(shard, kind, _on_device(encoded, device, dtype))
-    if checkpoint is not None:
+    if checkpoint is not None and checks:
         checkpoint.check_base(fingerprint.hexdigest(), base.spec)
     for module in model.modules():
         if hasattr(module, "finalize"):
@@ -96,6 +115,18 @@ def load_model(
         progress(len(names), len(names), "done")
     model.eval()
     return LoadedModel(model, config, tokenizer, eos, dtype, device)
+
+
+def _fingerprint(fingerprint: Fingerprint, base: ModelSource, name: str, tensor: torch.Tensor | None) -> None:
+    """Add a parameter to the base's fingerprint: from the tensor when it was read whole, else
+    from its sampled values alone (a tensor-parallel rank reads no whole tensor)."""
+    if tensor is not None:
+        fingerprint.add(name, tensor)
+        return
+    shape = tuple(base.shape(name))
+    index = Fingerprint.sample_index(math.prod(shape))
+    values = base.sample(name, index) if index is not None else base.get(name).reshape(-1)
+    fingerprint.add_sample(name, shape, values)
 
 
 def _on_device(delta: EncodedDelta, device: torch.device, dtype: torch.dtype) -> EncodedDelta:

@@ -342,4 +342,4 @@ class DetokenizeResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "failed"]

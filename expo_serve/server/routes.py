@@ -44,9 +44,12 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return model_card(ctx)
 
 
-@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Shutting down"}})
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Shutting down, or failed"}})
 async def health(request: Request) -> Response:
-    if serving(request).gate.closed:  # draining: a balancer sends new requests elsewhere
+    ctx = serving(request)
+    if ctx.engine.failure is not None:  # a tensor-parallel rank died: the server is about to exit non-zero
+        return json_response(Health(status="failed"), status_code=503, headers={"Connection": "close"})
+    if ctx.gate.closed:  # draining: a balancer sends new requests elsewhere
         return json_response(Health(status="draining"), status_code=503,
                              headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
     return json_response(Health(status="ok"))

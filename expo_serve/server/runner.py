@@ -5,11 +5,15 @@ request, the health check included, with 503 and Retry-After, while running requ
 --shutdown-timeout it cuts what is left (streams end with an error event and [DONE]). Only then
 does uvicorn close its listeners and the app stop the engine, and `serve` returns 0. A second
 signal cuts at once.
+
+If the engine fails (a tensor-parallel rank died), /health answers 503 `failed` for FAILED_HOLD_S,
+so that a balancer's probe sees why, and then `serve` returns 1: loudly, within seconds.
 """
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 import uvicorn
 
@@ -20,6 +24,7 @@ from .settings import ServerSettings
 DEMO_MODEL_NAME = "smollm2-135m-expo-demo"
 EXAMPLE_ALPHA = 0.3
 UVICORN_GRACE_S = 2.0
+FAILED_HOLD_S = 2.0  # how long a failed engine's server keeps answering 503 before it exits
 
 log = logging.getLogger("expo_serve.server")
 
@@ -37,7 +42,7 @@ def build_engine(settings: ServerSettings):
     config = EngineConfig(sft=settings.sft, delta=settings.delta, aligned=settings.aligned, dtype=dtype, device=device,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes, alpha_cache_bytes=alpha_cache,
-                          alpha=settings.alpha_range)
+                          alpha=settings.alpha_range, tensor_parallel_size=settings.tensor_parallel_size)
     return AsyncEngine(LLMEngine(config))
 
 
@@ -58,10 +63,13 @@ def serve(settings: ServerSettings) -> int:
         # uvicorn's own graceful wait comes after the drain, which leaves it nothing to wait for.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 timeout_graceful_shutdown=UVICORN_GRACE_S)
-        server = _Server(config, settings, app.state.drain)
+        server = _Server(config, settings, app.state.drain, engine)
         server.run()
     finally:
         engine.shutdown(settings.shutdown_timeout)  # at once if the app already stopped it
+    if engine.failure is not None:
+        log.error("Stopped: %s", engine.failure)
+        return 1
     return 0
 
 
@@ -92,11 +100,13 @@ class _Server(uvicorn.Server):
     before it lets uvicorn shut down (uvicorn would close its listeners at once, and raise the
     signal again at the end, so that the process would end with -15 instead of 0)."""
 
-    def __init__(self, config: uvicorn.Config, settings: ServerSettings, drain: Drain):
+    def __init__(self, config: uvicorn.Config, settings: ServerSettings, drain: Drain, engine):
         super().__init__(config)
         self._settings = settings
         self._drain = drain
         self._drain_logged = False
+        self._engine = engine
+        self._failed_at: float | None = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -115,6 +125,15 @@ class _Server(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         drain = self._drain
+        if self._engine.failure is not None:  # a rank died: the engine cannot run again
+            if self._failed_at is None:
+                self._failed_at = time.monotonic()
+                log.error("The engine failed (%s): stopping in %g s", self._engine.failure, FAILED_HOLD_S)
+                drain.begin(0.0)
+            if time.monotonic() - self._failed_at >= FAILED_HOLD_S:
+                self.should_exit = True
+                return True
+            return await super().on_tick(counter)
         if drain.deadline is not None and not self._drain_logged:
             self._drain_logged = True
             log.info("Draining: %d request(s) running, new ones get 503; stopping when they are done or in %g s",

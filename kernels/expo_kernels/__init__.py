@@ -13,6 +13,7 @@ from .encode import (
     concat_rows,
     encode_delta,
     from_parts,
+    shard_delta,
 )
 from .linear import BACKENDS, DECODE_MAX_M, expo_linear
 from .reference import reference_linear
@@ -35,4 +36,5 @@ __all__ = [
     "expo_linear",
     "from_parts",
     "reference_linear",
+    "shard_delta",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
 
@@ -388,3 +388,78 @@ def _encode_lowrank(d: torch.Tensor, rank: int, dtype: torch.dtype, seed: int) -
     b = (u[:, :r] * root).to(dtype).contiguous()
     a = (root[:, None] * vh[:r]).to(dtype).contiguous()
     return LowRankDelta(shape=(n, k), a=a, b=b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards for tensor parallelism: the Δ of a block of output rows (a column-parallel layer, a
+# vocabulary shard) or of input columns (a row-parallel layer), built from slices of the stored
+# parts, so that a rank never reads a whole tensor. Per-output-row parts (int8/bit scales, int4
+# scale rows, lowrank b) follow the rows; packed codes, int4 groups and lowrank a follow the
+# columns. A column shard of lowrank keeps b whole: its partial product joins the all-reduce.
+
+PartReader = Callable[[str, Optional[int], int, int], torch.Tensor]
+"""read(part, dim, start, stop): the stored part, sliced [start, stop) along `dim` (None: whole)."""
+
+
+def shard_delta(encoding: str, shape: tuple[int, ...], params: dict, read: PartReader, dim: int,
+                start: int, stop: int) -> EncodedDelta:
+    """The Δ of rows (dim 0) or columns (dim 1) [start, stop) of a stored encoded Δ of `shape`."""
+    shape = tuple(int(s) for s in shape)
+    width = stop - start
+    shard_shape = (width, *shape[1:]) if dim == 0 else (shape[0], width)
+    if encoding == "zero":
+        return ZeroDelta(shape=shard_shape)
+    if len(shape) == 1 or encoding == "dense":
+        return DenseDelta(shape=shard_shape, delta=read("delta", dim, start, stop))
+    if encoding == "lowrank":
+        if dim == 0:
+            return LowRankDelta(shape=shard_shape, a=read("a", None, 0, 0), b=read("b", 0, start, stop))
+        return LowRankDelta(shape=shard_shape, a=read("a", 1, start, stop), b=read("b", None, 0, 0))
+    if dim == 0:
+        parts = {name: read(name, 0, start, stop) for name in PART_ORDER[encoding]}
+        return from_parts(encoding, shard_shape, parts, params)
+    if encoding == "int8":
+        return Int8Delta(shape=shard_shape, q=read("q", 1, start, stop), scale=read("scale", None, 0, 0))
+    if encoding == "int4":
+        return _int4_columns(read, shape, int(params.get("group_size", DEFAULT_GROUP_SIZE)), start, stop)
+    if encoding == "bit":
+        return _bit_columns(read, shape, start, stop)
+    raise ValueError(f"unknown delta encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+
+
+PART_ORDER = {"dense": ("delta",), "int8": ("q", "scale"), "int4": ("packed", "scale"), "bit": ("packed", "scale"),
+              "lowrank": ("a", "b")}
+
+
+def _int4_columns(read: PartReader, shape, group_size: int, start: int, stop: int) -> Int4Delta:
+    """Columns of int4: whole bytes when the shard starts and ends on one, else the nibbles are
+    repacked. A shard that starts inside a group gets groups of gcd(G, start) columns, each
+    with its parent group's scale: exact, and the same groups whenever G divides the start."""
+    n, width = shape[0], stop - start
+    packed = read("packed", 1, start // 2, (stop + 1) // 2)
+    if start % 2 or (width % 2 and stop < shape[1]):
+        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[:, start % 2: start % 2 + width]
+        if width % 2:
+            nibbles = torch.cat([nibbles, torch.full((n, 1), 8, dtype=torch.uint8, device=nibbles.device)], dim=1)
+        packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    first_group = start // group_size
+    scale = read("scale", 1, first_group, (stop - 1) // group_size + 1)
+    local_group = math.gcd(group_size, start)
+    if local_group != group_size:
+        starts = torch.arange(start, stop, local_group, device=scale.device)
+        scale = scale.index_select(1, starts // group_size - first_group)
+    return Int4Delta(shape=(n, width), packed=packed.contiguous(), scale=scale.contiguous(), group_size=local_group)
+
+
+def _bit_columns(read: PartReader, shape, start: int, stop: int) -> BitDelta:
+    """Columns of bit: whole bytes when the shard starts on one (and ends on one or at K), else
+    the signs are repacked."""
+    n, width = shape[0], stop - start
+    packed = read("packed", 1, start // 8, -(-stop // 8))
+    if start % 8 or (width % 8 and stop < shape[1]):
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, start % 8: start % 8 + width]
+        bits = torch.cat([bits, bits.new_zeros((n, (-width) % 8))], dim=1)
+        weights = (1 << torch.arange(8, dtype=torch.int32, device=bits.device))
+        packed = (bits.view(n, -1, 8).to(torch.int32) * weights).sum(dim=2).to(torch.uint8)
+    return BitDelta(shape=(n, width), packed=packed.contiguous(), scale=read("scale", None, 0, 0))
