@@ -154,3 +154,16 @@ def test_the_cpu_default_holds_one_alpha_and_serves_a_single_alpha_merged(pairs)
     out = llm.generate(PROMPTS[0], _params(0.3))[0]
     assert list(cache.cached) == [0.3] and held_bytes(llm) == slot_bytes(llm)
     assert_reference_tokens(pair, llm, PROMPTS[:1], [0.3], [out])
+
+
+def test_a_new_single_alpha_takes_the_slot_at_once(pairs):
+    """One slot, then traffic moves from one α to another (a sweep queued α by α, or a default α
+    changed): the step of the new α evicts the idle one at once instead of running fused."""
+    pair = pairs("llama")
+    llm = LLM(str(pair[0]), aligned=str(pair[1]))
+    cache = llm.engine.runner.alpha_cache
+    assert cache.capacity == 1
+    first = llm.generate(PROMPTS[0], _params(0.3))[0]
+    second = llm.generate(PROMPTS[1], _params(2.5))[0]
+    assert list(cache.cached) == [2.5] and cache.evictions == 1 and held_bytes(llm) == slot_bytes(llm)
+    assert_reference_tokens(pair, llm, PROMPTS[:2], [0.3, 2.5], [first, second])

@@ -312,17 +312,21 @@ class AlphaCache:
                 self._touch(alpha)
         for alpha in live:
             if alpha not in self._slots and alpha in admissible and self.capacity:
-                self._admit(alpha, live)
+                self._admit(alpha, live, patient=admit is None)
         return {alpha: self._slots[alpha] for alpha in live if alpha in self._slots}
 
     def _touch(self, alpha: float) -> None:
         self._slots.move_to_end(alpha)
         self._last_used[alpha] = self._step
 
-    def _admit(self, alpha: float, live: list[float]) -> None:
+    def _admit(self, alpha: float, live: list[float], patient: bool = True) -> None:
+        """Give α a slot, evicting the least recently used α that this step does not use. Patient
+        (every live α may ask): only a slot idle for min_idle_steps, lest live α values take turns.
+        Not patient (the cost rule admitted α: its step runs merged on it, a step of one α): at once,
+        since the batch's α mix changes only as sequences finish, so slots cannot take turns."""
         if not self._free:
-            victim = next(iter(self._slots))
-            if victim in live or self._step - self._last_used[victim] < self.min_idle_steps:
+            victim = next((a for a in self._slots if a not in live), None)
+            if victim is None or (patient and self._step - self._last_used[victim] < self.min_idle_steps):
                 return  # every slot is in use: this α runs fused
             self._drop(self._slots[victim])
             self._free.append(self._slots.pop(victim))
