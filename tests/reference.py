@@ -9,6 +9,16 @@ from functools import lru_cache
 
 import torch
 
+# One generate call's mix of α (θ_sft, θ_aligned, between, far beyond) and prompts of several shapes,
+# shared by the exactness tests of one rank and of several.
+ALPHAS = [-1.0, 0.0, 0.3, 2.5]
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. Hello world!",
+    "Paris is the capital of",
+    "def add(a, b):\n    return",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and the quick brown fox",
+]
+
 
 @lru_cache(maxsize=8)
 def _states(sft_dir: str, aligned_dir: str):

@@ -6,19 +6,12 @@ token's and its top alternatives') within 2e-4 of the reference's log-softmax, i
 from __future__ import annotations
 
 import pytest
-from reference import decoded_merge_model, reference_greedy, reference_model, reference_prompt_log_probs
+from reference import ALPHAS, PROMPTS, decoded_merge_model, reference_greedy, reference_model, reference_prompt_log_probs
 
 from expo_serve import LLM, SamplingParams
 from expo_serve.delta.build import build_delta
 from expo_serve.delta.sources import open_source
 
-ALPHAS = [-1.0, 0.0, 0.3, 2.5]
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog. Hello world!",
-    "Paris is the capital of",
-    "def add(a, b):\n    return",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and the quick brown fox",
-]
 MAX_NEW = 10
 LOGPROB_TOL = 2e-4
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from factories import make_config, make_model, make_tokenizer, perturb
-from reference import decoded_merge_model, reference_greedy
+from reference import ALPHAS, PROMPTS, decoded_merge_model, reference_greedy
 
 from expo_serve import LLM, SamplingParams
 from expo_serve.delta.build import build_delta
@@ -22,13 +22,6 @@ from expo_serve.delta.sources import open_source
 from expo_serve.errors import ExpoError
 from expo_serve.model.parallel import held_bytes
 
-ALPHAS = [-1.0, 0.0, 0.3, 2.5]
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog. Hello world!",
-    "Paris is the capital of",
-    "def add(a, b):\n    return",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and the quick brown fox",
-]
 MAX_NEW = 8
 
 # name -> (arch, config changes, tied lm_head, the parameter left unchanged: its Δ is `zero`)

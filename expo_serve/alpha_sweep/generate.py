@@ -4,8 +4,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from ..engine.request import RequestOutput, SamplingParams
 from ..errors import ExpoError
 from .prompts import Prompt
@@ -74,18 +72,9 @@ def run_requests(llm, requests: list[tuple[list[int], SamplingParams]], desc: st
 
     engine = llm.engine
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
-    pending, done = set(ids), {}
     total = sum(params.n for _, params in requests)
-    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar, torch.inference_mode():
-        while pending:
-            outputs = engine.step()
-            if not outputs and not engine.has_unfinished():
-                raise RuntimeError("the engine has no work but requests are unfinished")
-            for out in outputs:
-                if out.finished and out.request_id in pending:
-                    pending.discard(out.request_id)
-                    done[out.request_id] = out
-                    bar.update(len(out.outputs))
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        done = engine.run_to_completion(ids, on_finished=lambda out: bar.update(len(out.outputs)))
     return [done[i] for i in ids]
 
 

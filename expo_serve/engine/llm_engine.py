@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -75,7 +76,6 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.failure: str | None = None  # why the engine can no longer step (a tensor-parallel rank died)
         self.workers = None
         if config.tensor_parallel_size > 1:
             if loaded is not None:
@@ -83,7 +83,7 @@ class LLMEngine:
             from .tp_workers import Workers
 
             spec = dict(sft=config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype, device=config.device)
-            self.workers, loaded = Workers.start(spec, config.tensor_parallel_size, self._fail)
+            self.workers, loaded = Workers.start(spec, config.tensor_parallel_size)
         self.loaded = loaded or load_model(config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype,
                                            device=config.device, max_positions=None)
         self.tokenizer = self.loaded.tokenizer
@@ -106,9 +106,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.vocab_size = int(self.loaded.config.vocab_size)
 
-    def _fail(self, reason: str) -> None:
-        """A tensor-parallel worker died (called from its monitor thread): no step can run again."""
-        self.failure = reason
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer step (a tensor-parallel rank died), or None."""
+        return None if self.workers is None else self.workers.failure
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (a single rank holds nothing to stop)."""
@@ -240,8 +241,10 @@ class LLMEngine:
         )
 
     @torch.inference_mode()
-    def run_to_completion(self, request_ids: list[str]) -> dict[str, RequestOutput]:
-        """Step until every given request has finished (others in the engine progress too)."""
+    def run_to_completion(self, request_ids: list[str],
+                          on_finished: Callable[[RequestOutput], None] | None = None) -> dict[str, RequestOutput]:
+        """Step until every given request has finished (others in the engine progress too);
+        `on_finished` sees each of them as it finishes (a progress bar)."""
         done: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         while pending:
@@ -252,6 +255,8 @@ class LLMEngine:
                 if out.finished and out.request_id in pending:
                     done[out.request_id] = out
                     pending.discard(out.request_id)
+                    if on_finished is not None:
+                        on_finished(out)
         return done
 
 

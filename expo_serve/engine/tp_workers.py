@@ -13,8 +13,8 @@ ranks run the same forward: the all-reduces and the logits gather pair up. A wor
 next step on the pipe, never in a collective, so an idle server has no timeout to meet.
 
 Failure: a monitor thread on rank 0 watches the workers' sentinels; a worker that exits while
-the engine runs sets `failure` and calls `on_failure` (the server then answers 503 and exits
-non-zero). A worker exits when rank 0 says stop, when its pipe closes, or when rank 0's process is
+the engine runs sets `failure`, which the engine reads before every step (the server then
+answers 503 and exits non-zero). A worker exits when rank 0 says stop, when its pipe closes, or when rank 0's process is
 gone (it checks its parent), so no rank outlives the engine. Workers ignore SIGINT: Ctrl-C reaches
 the whole process group, and rank 0 alone decides how to stop.
 """
@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -60,12 +59,11 @@ class Workers:
     """Rank 0's side: the worker processes, their pipes, and the monitor. `start` returns with
     rank 0's shard loaded and every worker's loaded; `runner` then builds the runners."""
 
-    def __init__(self, spec: dict, size: int, on_failure: Callable[[str], None]):
+    def __init__(self, spec: dict, size: int):
         self.size = size
         self.spec = spec
         self.failure: str | None = None
         self.rank_bytes: list[int] = []
-        self._on_failure = on_failure
         self._closed = False
         self._group_started = False
         self._threads_before: int | None = None
@@ -89,7 +87,7 @@ class Workers:
         return [p.pid for p in self.processes]
 
     @classmethod
-    def start(cls, spec: dict, size: int, on_failure: Callable[[str], None]) -> tuple["Workers", LoadedModel]:
+    def start(cls, spec: dict, size: int) -> tuple["Workers", LoadedModel]:
         """Check the split, start the workers, load rank 0's shard; return once all are loaded."""
         from ..delta.sources import open_source
 
@@ -104,7 +102,7 @@ class Workers:
             # The ranks share the machine's cores: each takes its share, or every rank's threads
             # would spin against the others' (on the 2-core dev machine: 24 times slower steps).
             spec = dict(spec, threads=max(1, torch.get_num_threads() // size))
-        workers = cls(spec, size, on_failure)
+        workers = cls(spec, size)
         try:
             if "threads" in spec:
                 workers._threads_before = torch.get_num_threads()
@@ -183,12 +181,11 @@ class Workers:
         return None
 
     def fail(self, reason: str) -> None:
-        """The ranks can no longer run in step: record why, once, and tell the engine."""
+        """The ranks can no longer run in step: record why, once (the engine reads it)."""
         if self.failure is not None:
             return
         self.failure = reason
         log.error("%s: the engine cannot run another step", reason)
-        self._on_failure(reason)
 
     def close(self) -> None:
         """Stop every worker (politely, then by force) and leave the process group. Idempotent."""
@@ -236,9 +233,7 @@ class TensorParallelRunner(ModelRunner):
         self._events.append((slot, None))
 
     def run(self, inputs: StepInputs) -> list[torch.Tensor]:
-        if self.workers.failure is not None:
-            raise RuntimeError(self.workers.failure)
-        try:
+        try:  # LLMEngine.step has checked self.workers.failure
             self.workers.send(encode_step(inputs, self._events))
             self._events = []
             return super().run(inputs)
