@@ -10,7 +10,9 @@ shipped preference texts (prompt + chosen and prompt + rejected, chat-formatted)
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +59,7 @@ def main() -> None:
     texts = texts[: args.texts]
 
     work = Path(tempfile.mkdtemp(prefix="bench-delta-"))
+    atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
     sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
     build_delta(sft, aligned, work / "exact", dtype="float32")
     sizes, compact = [], {}

@@ -27,8 +27,10 @@ it is measured, so a run cut short keeps what it finished.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -286,6 +288,7 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
 
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
     sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
     deltas = {}
     for encoding in args.encodings.split(","):

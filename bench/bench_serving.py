@@ -36,10 +36,12 @@ round by round so the machine's drift cancels: time to first token against throu
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -181,6 +183,7 @@ def compare_servers(args) -> None:
     corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
     requests = make_workload(AutoTokenizer.from_pretrained(pair.aligned_dir), args.requests, args.seed, corpus)
     work = Path(tempfile.mkdtemp(prefix="bench-servers-"))
+    atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
     sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
     deltas = {}
     for encoding in ("dense", "int8", "int4", "bit"):

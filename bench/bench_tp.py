@@ -22,8 +22,10 @@ not what N GPUs gain. Run it with nothing else on the machine (DESIGN.md §7).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,6 +162,7 @@ def main() -> None:
     from expo_serve.errors import ExpoError
 
     work = Path(tempfile.mkdtemp(prefix="bench-tp-"))
+    atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
     sft, delta, tokenizer, label = pair_and_tokenizer(args, work)
     corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
     requests = make_workload(tokenizer, args.requests, args.seed, corpus)

@@ -23,7 +23,9 @@ elementwise and the rest of the aten ops, and what no aten op accounts for (Pyth
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -106,6 +108,7 @@ def main() -> None:
     corpus = [row[key] for row in load_preferences() for key in ("chosen", "rejected")]
     requests = make_workload(AutoTokenizer.from_pretrained(pair.aligned_dir), args.seqs, 0, corpus)
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
     sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
     for encoding in ("dense", "int8"):
         build_delta(sft, aligned, work / encoding, encoding=encoding, dtype="float32")
