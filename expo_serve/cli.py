@@ -29,6 +29,10 @@ class _ConsoleProgress:
             self._bar.close()
 
 
+TRUST_REMOTE_CODE_HELP = ("let a tokenizer shipped as code with the checkpoint (InternLM2's), with no tokenizer.json "
+                          "beside it, run that code (default: refuse)")
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -54,8 +58,8 @@ def _cmd_delta_build(args) -> int:
     from .delta.sources import open_source
 
     manifest = build_delta(
-        open_source(args.sft),
-        open_source(args.aligned),
+        open_source(args.sft, trust_remote_code=args.trust_remote_code),
+        open_source(args.aligned, trust_remote_code=args.trust_remote_code),
         args.out,
         encoding=args.format,
         rank=args.rank,
@@ -74,6 +78,19 @@ def _cmd_delta_inspect(args) -> int:
 
     report = delta_report(DeltaCheckpoint(args.dir))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_delta_export(args) -> int:
+    from .delta.export_peft import export_peft
+
+    result = export_peft(args.dir, args.peft)
+    print(f"wrote {args.peft}: a PEFT LoRA adapter over {result['modules']} modules (rank {result['rank']}, "
+          f"scale 1 = α 0; serve α with a LoRA scale of 1+α)")
+    if result["left_out"]:
+        print(f"warning: {len(result['left_out'])} tensors of the delta are not in the adapter:", file=sys.stderr)
+        for name, why in result["left_out"].items():
+            print(f"  {name}: {why}", file=sys.stderr)
     return 0
 
 
@@ -113,7 +130,7 @@ def _cmd_sweep(args) -> int:
                    max_tokens=args.max_tokens, beta=args.beta, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, alpha_min=args.alpha_min,
                    alpha_max=args.alpha_max, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                   max_num_seqs=args.max_num_seqs)
+                   max_num_seqs=args.max_num_seqs, trust_remote_code=args.trust_remote_code)
     print(result.summary)
     return 0
 
@@ -133,12 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--rank", type=_positive_int, default=64, help="rank for --format lowrank (default: 64)")
     build.add_argument("--group-size", type=_positive_int, default=128, help="group size for --format int4 (default: 128)")
     build.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="storage dtype of dense values and low-rank factors (default: the SFT's)")
+    build.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     build.set_defaults(run=_cmd_delta_build)
 
     inspect = delta_commands.add_parser("inspect", help="show a delta's manifest, sizes and errors")
     inspect.add_argument("dir", help="delta folder")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_cmd_delta_inspect)
+
+    export = delta_commands.add_parser("export", help="write a lowrank or mixed delta in another server's format")
+    export.add_argument("dir", help="delta folder")
+    export.add_argument("--peft", required=True, metavar="DIR",
+                        help="output folder for a PEFT LoRA adapter (scale 1+α serves ExPO approximately)")
+    export.set_defaults(run=_cmd_delta_export)
 
     merge = commands.add_parser("merge", help="write θ_sft + (1+α)·Δ as a Hugging Face checkpoint")
     merge.add_argument("--sft", required=True, help="SFT model: HF folder, .gguf file or hub id")
@@ -192,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default: float32)")
     sweep.add_argument("--max-model-len", type=_positive_int, help="context window (default: the model's, at most 4096)")
     sweep.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences decoded together (default: 64)")
+    sweep.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     sweep.set_defaults(run=_cmd_sweep)
     return parser
 

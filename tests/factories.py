@@ -68,6 +68,13 @@ def make_config(arch: str, *, tie: bool = False, sliding_window: int | None = No
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         return LlamaConfig(**common, rope_parameters=rope)
+    if arch == "llama-linear":
+        return LlamaConfig(**common, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if arch == "llama-dynamic":
+        # Dynamic NTK changes the rotation only past max_position_embeddings: 16, so short prompts
+        # cross it; the context window is 16 × 4.
+        rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+        return LlamaConfig(**{**common, "max_position_embeddings": 16}, rope_parameters=rope)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=sliding_window)
     if arch == "qwen2":

@@ -73,3 +73,26 @@ def test_alpha_cache_option_reaches_the_engine(pairs):
     finally:
         off.shutdown()
         on.shutdown()
+
+
+def test_trust_remote_code_is_a_switch_off_by_default(monkeypatch):
+    assert _settings("--sft", "s", "--delta", "d").trust_remote_code is False
+    assert _settings("--sft", "s", "--delta", "d", "--trust-remote-code").trust_remote_code is True
+    monkeypatch.setenv("EXPO_SERVE_TRUST_REMOTE_CODE", "true")
+    assert _settings("--sft", "s", "--delta", "d").trust_remote_code is True
+
+
+def test_every_command_of_the_readme_seed_table_parses():
+    """Each seed pair's row names a `serve` command the CLI accepts as written."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## The seed pairs", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^\| `([^`|]+)` \| `[^`]+` \| [^|]+ \| `(expo-serve serve [^`]+)`", table, re.M)
+    assert len(commands) == 13  # the card's own pair and the twelve of its tables
+    for aligned, command in commands:
+        settings = _settings(*shlex.split(command)[2:])
+        assert settings.aligned == aligned or settings.delta
+        assert settings.trust_remote_code == ("internlm" in aligned)

@@ -41,7 +41,7 @@ def sweep(sft: str, *, prompts: str, alphas: str | Sequence[float], judge: str, 
           temperature: float = 0.0, max_tokens: int = 256, beta: float = 0.1, top_p: float = 1.0,
           top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
           alpha_min: float = -1.0, alpha_max: float = 25.0, device: str = "cpu", dtype: str = "float32",
-          max_model_len: int | None = None, max_num_seqs: int = 64,
+          max_model_len: int | None = None, max_num_seqs: int = 64, trust_remote_code: bool = False,
           log: Callable[[str], None] = _log) -> SweepResult:
     """Generate every (prompt, α, sample) in one batched engine run, judge the answers, and write
     samples.jsonl, results.json, results.csv, report.md, sweep.png and experiments.yaml to `out`."""
@@ -74,7 +74,8 @@ def sweep(sft: str, *, prompts: str, alphas: str | Sequence[float], judge: str, 
     log(f"loading {sft} with {'Δ ' + delta if delta else 'θ_aligned ' + str(aligned)}")
     # α = −1 (θ_sft) is always served: the implicit judge scores with it.
     llm = LLM(sft, delta=delta, aligned=aligned, dtype=dtype, device=device, max_model_len=max_model_len,
-              max_num_seqs=max_num_seqs, alpha=AlphaRange(0.0, min(alpha_min, -1.0), alpha_max))
+              max_num_seqs=max_num_seqs, alpha=AlphaRange(0.0, min(alpha_min, -1.0), alpha_max),
+              trust_remote_code=trust_remote_code)
     prompt_ids = encode_prompts(llm, questions, max_tokens)
     try:
         start = time.perf_counter()

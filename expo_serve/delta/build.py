@@ -140,6 +140,7 @@ def build_delta(
             "group_size": group_size if encoding == "int4" else None,
             "rank": rank if encoding == "lowrank" else None,
             "tied": sft.tied,
+            **({"layout": sft.delta_layout} if sft.delta_layout else {}),
             "build_seconds": round(time.time() - started, 3),
             "tensors": tensors,
         }

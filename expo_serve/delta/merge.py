@@ -2,7 +2,9 @@
 
 Computed in float32 one parameter at a time, then cast to the requested dtype. Config,
 generation config, tokenizer and chat template come from the aligned model (kept in the delta's
-`aligned_meta/`), as the ExPO reference script takes them from the aligned checkpoint.
+`aligned_meta/`), as the ExPO reference script takes them from the aligned checkpoint. Tensors are
+written in the base checkpoint's own layout: an InternLM2 pair merges into an InternLM2 checkpoint,
+with the remote-code files of the aligned folder beside it.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def merge(
     # first (the merge reads it again, mostly from the page cache).
     delta.check_base(fingerprint_source(sft), sft.spec)
     names = sft.parameter_names
+    native = sft.native_writer()  # back to the checkpoint's own layout (InternLM2's packed wqkv)
     out_dtype = None
     with atomic_output_dir(out) as folder:
         writer = ShardedWriter(folder, "model", max_shard_bytes)
@@ -57,7 +60,9 @@ def merge(
                 base = sft.get(name)
                 target = DTYPES[dtype] if dtype else base.dtype
                 out_dtype = out_dtype or target
-                writer.add(name, expo_merge_tensor(base, delta.load(name), alpha).to(target))
+                for stored_name, tensor in native.add(name, expo_merge_tensor(base, delta.load(name), alpha).to(target)):
+                    writer.add(stored_name, tensor)
+            native.close()
             weight_map = writer.close()
         except BaseException:
             writer.abort()
@@ -80,6 +85,10 @@ def _write_metadata(delta: DeltaCheckpoint, folder: Path, dtype: torch.dtype) ->
         if path.is_file():
             shutil.copy2(path, folder / path.name)
     config = json.loads((folder / "config.json").read_text())
-    config.pop("torch_dtype", None)
-    config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if "torch_dtype" in config and "auto_map" in config:
+        config["torch_dtype"] = name  # remote code written for transformers 4 reads this key
+    else:
+        config.pop("torch_dtype", None)
+    config["dtype"] = name
     (folder / "config.json").write_text(json.dumps(config, indent=2))

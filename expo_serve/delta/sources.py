@@ -18,14 +18,30 @@ import torch
 
 from ..errors import ExpoError
 from .safetensors_io import SafetensorsReader
+from .tokenizer import load_tokenizer
 
 # Files a checkpoint folder carries besides its weights: config, generation defaults, tokenizer.
-_METADATA_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+METADATA_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
 _WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+class NativeWriter:
+    """Turns a model's tensors, by canonical name, into the tensors its checkpoint stores (for a
+    layout read under other names, such as InternLM2's, the way back). Here: as they are."""
+
+    def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor)]
+
+    def close(self) -> None:
+        """Called after the last tensor."""
 
 
 class ModelSource(ABC):
     """The parameters of one causal LM, readable tensor by tensor."""
+
+    # How a delta built from this source stores its tensors, when not under the checkpoint's own
+    # names (recorded in the manifest).
+    delta_layout: dict | None = None
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -115,6 +131,10 @@ class ModelSource(ABC):
         """The values at flat positions `index` of a parameter."""
         return self.get(name).reshape(-1)[index]
 
+    def native_writer(self) -> NativeWriter:
+        """What `merge` writes its tensors through, to give back this checkpoint's layout."""
+        return NativeWriter()
+
     def check_complete(self) -> None:
         """Fail early, naming the first parameter the checkpoint lacks."""
         for name in self.parameter_names:
@@ -126,11 +146,15 @@ class ModelSource(ABC):
 
 
 class FolderSource(ModelSource):
-    """A local Hugging Face folder: config.json plus safetensors, single or sharded."""
+    """A local Hugging Face folder: config.json plus safetensors, single or sharded. Its tokenizer
+    runs code from the folder only with `trust_remote_code` (delta/tokenizer.py)."""
 
-    def __init__(self, folder: str | os.PathLike, spec: str | None = None):
+    metadata_patterns = METADATA_PATTERNS
+
+    def __init__(self, folder: str | os.PathLike, spec: str | None = None, *, trust_remote_code: bool = False):
         super().__init__(spec or str(folder))
         self.folder = Path(folder)
+        self.trust_remote_code = trust_remote_code
         if not (self.folder / "config.json").is_file():
             raise ExpoError(f"{self.folder} is not a Hugging Face model folder: it has no config.json")
         self._files = self._weight_files()
@@ -187,14 +211,12 @@ class FolderSource(ModelSource):
         return self._files[stored].sample(stored, index)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.folder)
+        return load_tokenizer(self.folder, trust_remote_code=self.trust_remote_code)
 
     def save_metadata(self, folder: Path) -> None:
         import shutil
 
-        for pattern in _METADATA_PATTERNS:
+        for pattern in self.metadata_patterns:
             for path in self.folder.glob(pattern):
                 if path.name != _WEIGHT_INDEX:
                     shutil.copy2(path, folder / path.name)
@@ -255,19 +277,28 @@ class GGUFSource(ModelSource):
         self.load_tokenizer().save_pretrained(folder)
 
 
-def open_source(spec: "str | os.PathLike | ModelSource") -> ModelSource:
+def open_source(spec: "str | os.PathLike | ModelSource", *, trust_remote_code: bool = False) -> ModelSource:
     """A model from a local folder, a .gguf file, or (network permitting) a hub id; a source
-    already opened (an in-memory model, say) is taken as it is."""
+    already opened (an in-memory model, say) is taken as it is. `trust_remote_code` lets a folder's
+    tokenizer run the code it ships with, where it has no fast tokenizer file."""
     if isinstance(spec, ModelSource):
         return spec
     path = Path(spec)
     if path.suffix == ".gguf":
         return GGUFSource(path)
     if path.is_dir():
-        return FolderSource(path)
+        return _folder_source(path, str(spec), trust_remote_code)
     if path.exists():
         raise ExpoError(f"{spec} is neither a model folder nor a .gguf file")
-    return FolderSource(_download_from_hub(str(spec)), spec=str(spec))
+    return _folder_source(_download_from_hub(str(spec)), str(spec), trust_remote_code)
+
+
+def _folder_source(folder: Path, spec: str, trust_remote_code: bool) -> FolderSource:
+    """A folder in Hugging Face's layout, or in InternLM2's (read as Llama: delta/internlm2.py)."""
+    from .internlm2 import InternLM2Source, is_internlm2_folder
+
+    source = InternLM2Source if is_internlm2_folder(folder) else FolderSource
+    return source(folder, spec, trust_remote_code=trust_remote_code)
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -275,7 +306,7 @@ def _download_from_hub(repo_id: str) -> Path:
         raise ExpoError(f"{repo_id} does not exist: give a model folder, a .gguf file or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.safetensors", _WEIGHT_INDEX, *_METADATA_PATTERNS]
+    patterns = ["*.safetensors", _WEIGHT_INDEX, *METADATA_PATTERNS, "*.py"]  # remote code is copied, never run
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types for "offline" and "not found"

@@ -6,6 +6,9 @@ Manifest fields:
   sft, aligned                {"source": ..., "fingerprint": ...} (the SFT fingerprint guards loading)
   encoding, dtype, group_size, rank   what `delta build` was asked for
   tied                        {alias: canonical}; a tied tensor is stored once, under canonical
+  layout                      (only when tensors are not stored under the checkpoint's own names)
+                              how they are stored: InternLM2's are under Llama names, wqkv cut
+                              into q/k/v and each part encoded on its own (delta/internlm2.py)
   tensors                     {parameter: {"encoding", "shape", "params", "parts": {part:
                               {"file", "key"}}, "stored_bytes", "rel_error", "delta_norm"}}
 The aligned model's config, generation config and tokenizer files sit in `aligned_meta/`, so a

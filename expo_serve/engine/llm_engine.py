@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..model.llama import context_window
 from ..model.loader import LoadedModel, load_model
 from .model_runner import ModelRunner, auto_kv_cache_bytes, default_alpha_cache_bytes, kv_bytes_per_block
 from .request import (AlphaRange, InvalidRequest, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprob,
@@ -46,6 +47,8 @@ class EngineConfig:
     # Ranks the model is split over (engine/tp_workers.py): rank 0 is this process, the others are
     # worker processes it starts. The KV-cache size (kv_cache_bytes, or the automatic one) is per rank.
     tensor_parallel_size: int = 1
+    # Let a tokenizer shipped as code (InternLM2's), with no fast tokenizer file beside it, run that code.
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
@@ -82,12 +85,14 @@ class LLMEngine:
                 raise ValueError("a tensor-parallel engine loads its shards itself; pass no loaded model")
             from .tp_workers import Workers
 
-            spec = dict(sft=config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype, device=config.device)
+            spec = dict(sft=config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype, device=config.device,
+                        trust_remote_code=config.trust_remote_code)
             self.workers, loaded = Workers.start(spec, config.tensor_parallel_size)
         self.loaded = loaded or load_model(config.sft, delta=config.delta, aligned=config.aligned, dtype=config.dtype,
-                                           device=config.device, max_positions=None)
+                                           device=config.device, max_positions=None,
+                                           trust_remote_code=config.trust_remote_code)
         self.tokenizer = self.loaded.tokenizer
-        model_len = int(getattr(self.loaded.config, "max_position_embeddings", 4096))
+        model_len = context_window(self.loaded.config)
         self.max_model_len = min(config.max_model_len or min(model_len, 4096), model_len)
         per_block = kv_bytes_per_block(self.loaded.config, config.block_size, self.loaded.dtype, self.loaded.model.kv_heads)
         auto_bytes = auto_kv_cache_bytes(self.loaded.device)

@@ -15,7 +15,7 @@ import torch
 from expo_kernels.linear import MERGE_MIN_ROWS
 
 from ..model.layers import StepContext, set_context
-from ..model.llama import head_dim_of
+from ..model.llama import dynamic_rope_limit, head_dim_of
 from ..model.loader import LoadedModel
 from .request import TokenLogprob, top_logprobs
 from .scheduler import ScheduledSeq
@@ -38,6 +38,9 @@ class StepInputs:
     row_slots: list[int | None] | None  # each row's α-cache slot (None: fused), or None for no cached row
     logit_rows: list[list[int]]  # the groups of rows whose logits are computed, in order
     graphable: bool  # a decode step a CUDA graph may run
+    # Under dynamic NTK rope, when some sequence is past max_position_embeddings: each sequence's
+    # rope length (ModelRunner._rope_lens). None: every row rotates by the table.
+    rope_lens: list[int] | None = None
 
 
 @dataclass
@@ -111,6 +114,7 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = block_size
         config = loaded.config
+        self.dynamic_rope_limit = dynamic_rope_limit(config)
         layers = config.num_hidden_layers
         # One block past the allocator's: the scratch block that CUDA-graph padding rows write to.
         shape = (layers, num_blocks + 1, block_size, self.model.kv_heads, head_dim_of(config))
@@ -181,18 +185,32 @@ class ModelRunner:
         row_slots = [alpha_slots.get(a) for a in alphas] if alpha_slots else None
         scoring = any(item.seq.prompt_logprobs is not None for item in batch)
         logit_rows = [group for group in ([r for _, r, _ in prompt_rows], sampled_rows) if group]
+        rope_lens = self._rope_lens(batch, context_lens)
+        # CUDA graphs capture the rotary's table path only.
+        graphable = all(n == 1 for n in query_lens) and not scoring and row_slots is None and rope_lens is None
         inputs = StepInputs(token_ids, positions, slots, context_lens, seq_index, query_index, tables, query_lens, alphas,
-                            row_slots, logit_rows, graphable=all(n == 1 for n in query_lens) and not scoring and row_slots is None)
+                            row_slots, logit_rows, graphable, rope_lens)
         return inputs, prompt_rows, sampled
+
+    def _rope_lens(self, batch: list[ScheduledSeq], context_lens: list[int]) -> list[int] | None:
+        """Under dynamic NTK rope, the length each sequence's rows rotate at: its context after
+        this step, or its prompt's length if longer. So every prompt row, in one prefill or in
+        chunks, rotates as in one forward over the prompt, and each decode row at position p as in
+        transformers' generate (length p+1). None while no sequence is past max_position_embeddings
+        (the table serves them all; host values only)."""
+        if self.dynamic_rope_limit is None:
+            return None
+        lens = [max(n, item.seq.num_prompt_tokens) for item, n in zip(batch, context_lens)]
+        return lens if max(lens) > self.dynamic_rope_limit else None
 
     def _context(self, inputs: StepInputs) -> tuple[torch.Tensor, StepContext]:
         # Two host-to-device copies a step, one per dtype, each from pinned memory without waiting;
         # every field is a view of one of the two buffers.
         longs = self._to_device([inputs.token_ids, inputs.positions, inputs.slots, inputs.context_lens, inputs.seq_index,
-                                 inputs.query_index, inputs.tables], torch.int64)
+                                 inputs.query_index, inputs.tables, inputs.rope_lens or []], torch.int64)
         # (1+α) rounded once from double, as the reference merge rounds it.
         floats = self._to_device([inputs.alphas, [1.0 + a for a in inputs.alphas]], torch.float32)
-        token_rows, positions_d, slots_d, lens_d, seq_index_d, query_index_d, tables_d = longs
+        token_rows, positions_d, slots_d, lens_d, seq_index_d, query_index_d, tables_d, rope_lens_d = longs
         num_seqs = len(inputs.query_lens)
         ctx = StepContext(
             alpha=floats[0],
@@ -207,6 +225,7 @@ class ModelRunner:
             query_index=query_index_d,
             is_decode_only=all(n == 1 for n in inputs.query_lens),
             row_slots=inputs.row_slots,
+            rope_lens=None if inputs.rope_lens is None else rope_lens_d,
         )
         return token_rows, ctx
 

@@ -21,10 +21,10 @@ Event = tuple[int, float | None]  # (slot, α filled) or (slot, None) for a slot
 def encode_step(inputs: StepInputs, events: list[Event]) -> bytes:
     groups = inputs.logit_rows
     head = [len(inputs.token_ids), len(inputs.query_lens), len(inputs.tables), len(events), int(inputs.graphable),
-            int(inputs.row_slots is not None), len(groups), *(len(g) for g in groups)]
+            int(inputs.row_slots is not None), int(inputs.rope_lens is not None), len(groups), *(len(g) for g in groups)]
     row_slots = [] if inputs.row_slots is None else [NO_SLOT if s is None else s for s in inputs.row_slots]
     ints = [len(head), *head, *inputs.token_ids, *inputs.positions, *inputs.slots, *inputs.context_lens,
-            *inputs.seq_index, *inputs.query_index, *inputs.tables, *inputs.query_lens, *row_slots,
+            *inputs.seq_index, *inputs.query_index, *inputs.tables, *inputs.query_lens, *row_slots, *(inputs.rope_lens or []),
             *(slot for slot, _ in events), *(int(alpha is not None) for _, alpha in events), *(r for g in groups for r in g)]
     floats = [*inputs.alphas, *(0.0 if alpha is None else alpha for _, alpha in events)]
     ints_array = np.asarray(ints, dtype=np.int64)
@@ -38,7 +38,7 @@ def decode_step(message: bytes) -> tuple[StepInputs, list[Event]]:
     ints = np.frombuffer(message, dtype=np.int64, count=count, offset=9).tolist()
     floats = np.frombuffer(message, dtype=np.float64, offset=9 + 8 * count).tolist()
     head_len = ints[0]
-    rows, seqs, tables, num_events, graphable, has_slots, num_groups, *group_lens = ints[1:1 + head_len]
+    rows, seqs, tables, num_events, graphable, has_slots, has_rope_lens, num_groups, *group_lens = ints[1:1 + head_len]
     at = 1 + head_len
 
     def take(n: int) -> list[int]:
@@ -49,10 +49,11 @@ def decode_step(message: bytes) -> tuple[StepInputs, list[Event]]:
     token_ids, positions, slots = take(rows), take(rows), take(rows)
     context_lens, seq_index, query_index, block_tables, query_lens = take(seqs), take(rows), take(rows), take(tables), take(seqs)
     row_slots = [None if s == NO_SLOT else s for s in take(rows)] if has_slots else None
+    rope_lens = take(seqs) if has_rope_lens else None
     event_slots, filled = take(num_events), take(num_events)
     groups = [take(n) for n in group_lens[:num_groups]]
     alphas, event_alphas = floats[:rows], floats[rows:]
     events = [(slot, alpha if fill else None) for slot, fill, alpha in zip(event_slots, filled, event_alphas)]
     inputs = StepInputs(token_ids, positions, slots, context_lens, seq_index, query_index, block_tables, query_lens, alphas,
-                        row_slots, groups, bool(graphable))
+                        row_slots, groups, bool(graphable), rope_lens)
     return inputs, events

@@ -111,7 +111,7 @@ class Workers:
                 torch.cuda.set_device(rank_device(spec["device"], 0))  # NCCL's device for rank 0
             tp = TensorParallel(0, size)
             loaded = load_model(spec["sft"], delta=spec["delta"], aligned=spec["aligned"], dtype=spec["dtype"],
-                                device=rank_device(spec["device"], 0), tp=tp)
+                                device=rank_device(spec["device"], 0), tp=tp, trust_remote_code=spec["trust_remote_code"])
             workers.rank_bytes = [held_bytes(loaded.model), *(m["held_bytes"] for m in workers._gather("loaded"))]
             dist.init_process_group(_backend(loaded.device), init_method=workers._rendezvous, rank=0, world_size=size)
             workers._group_started = True

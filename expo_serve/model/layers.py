@@ -47,14 +47,24 @@ class StepContext:
     # Host side, when the α cache serves some rows: each row's slot of merged weights (None: the
     # fused path). Rows of one slot are adjacent (the runner orders the batch so).
     row_slots: list[int | None] | None = None
+    # [B] int64, only under dynamic NTK rope when some sequence is past max_position_embeddings:
+    # each sequence's rope length (engine/model_runner.py; model/llama.py, RotaryEmbedding).
+    rope_lens: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict)
 
     def rows(self, index: torch.Tensor, host_index: list[int]) -> "StepContext":
         """The context of some of this step's rows (those whose logits are computed): their α and
         slots. `index` is `host_index` on the device."""
         slots = None if self.row_slots is None else [self.row_slots[i] for i in host_index]
         return replace(self, alpha=self.alpha.index_select(0, index), scale=self.scale.index_select(0, index),
-                       row_slots=slots, _masks={})
+                       row_slots=slots, _masks={}, _memo={})
+
+    def memo(self, key: str, compute: Callable[[], object]):
+        """compute() once per step: for what every layer asks alike (the rotary's per-row cos/sin)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @cached_property
     def segments(self) -> list[tuple[int, int, int | None]] | None:

@@ -27,19 +27,42 @@ from .layers import ExpoEmbedding, ExpoLinear, ExpoRMSNorm, get_context
 
 # -- rotary embeddings and paged attention ---------------------------------------------------------
 
+def rope_parameters(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
+
+
 def rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention scaling) exactly as transformers computes them for this config."""
+    """(inv_freq, attention scaling) exactly as transformers computes them for this config; for
+    dynamic NTK scaling those of sequences up to max_position_embeddings (base θ)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    rope_type = rope_parameters(config).get("rope_type", "default")
     if rope_type == "default":
-        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        base = rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))
         dim = head_dim_of(config)
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-    if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"rope type {rope_type!r} is not supported (its frequencies change with the sequence length)")
+    if rope_type == "longrope":  # switches factors past a length: dynamic, and not implemented here
+        raise ValueError("rope scaling type 'longrope' is not supported (its frequencies change past "
+                         "original_max_position_embeddings)")
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_INIT_FUNCTIONS)})")
     return ROPE_INIT_FUNCTIONS[rope_type](config)
+
+
+def dynamic_rope_limit(config) -> int | None:
+    """max_position_embeddings when the model uses dynamic NTK scaling (its rows past it rotate at
+    a base that depends on the sequence's length), else None."""
+    return config.max_position_embeddings if rope_parameters(config).get("rope_type") == "dynamic" else None
+
+
+def context_window(config) -> int:
+    """Positions the model serves: max_position_embeddings, times the factor under dynamic NTK
+    scaling (as vLLM does), which is what that scaling is for."""
+    positions = int(getattr(config, "max_position_embeddings", 4096))
+    if dynamic_rope_limit(config) is not None:
+        return int(positions * rope_parameters(config)["factor"])
+    return positions
 
 
 def head_dim_of(config) -> int:
@@ -47,7 +70,12 @@ def head_dim_of(config) -> int:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_positions, computed once."""
+    """cos/sin tables for every position up to max_positions, computed once.
+
+    Under dynamic NTK scaling a step whose context says `rope_lens` (some sequence is longer than
+    max_position_embeddings) rotates the rows of each such sequence at the base transformers
+    computes for its length L: θ·(factor·L/max_pos − (factor−1))^(dim/(dim−2)). Its cos/sin are
+    worked out once per step, not per layer."""
 
     def __init__(self, config, max_positions: int, device):
         super().__init__()
@@ -57,12 +85,38 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
+        self.dynamic_limit = dynamic_rope_limit(config)
+        if self.dynamic_limit is not None:
+            params = rope_parameters(config)
+            self.base, self.factor = params["rope_theta"], params["factor"]
+            self.dim = head_dim_of(config)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, Hkv, D] rotated at their positions."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        ctx = get_context()
+        if ctx.rope_lens is None:
+            cos, sin = self.cos[positions], self.sin[positions]
+        else:
+            cos, sin = ctx.memo("rotary", lambda: self._dynamic(positions, ctx))
+        cos, sin = cos.to(q.dtype)[:, None, :], sin.to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _dynamic(self, positions: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cos/sin: from the table where its sequence's rope length is within
+        max_position_embeddings, else at the base of that length, in float32 with the operations
+        of transformers' _compute_dynamic_ntk_parameters and LlamaRotaryEmbedding.forward."""
+        seq_len = ctx.rope_lens.clamp(min=self.dynamic_limit)
+        dim, factor = self.dim, self.factor
+        # One base per sequence at once: on a CPU the vectorized pow may round it one ulp off
+        # transformers' scalar pow (far below float32's own error in position × inv_freq).
+        base = self.base * ((factor * seq_len / self.dynamic_limit) - (factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+        inv_freq = 1.0 / (base[:, None] ** exponents[None, :])  # [B, dim/2]
+        freqs = positions.float()[:, None] * inv_freq[ctx.seq_index]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaled = (ctx.rope_lens > self.dynamic_limit)[ctx.seq_index, None]
+        return (torch.where(scaled, emb.cos(), self.cos[positions]),
+                torch.where(scaled, emb.sin(), self.sin[positions]))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +173,8 @@ class PagedAttention(nn.Module):
 
 # -- the model -------------------------------------------------------------------------------------
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# InternLM2 is read as Llama (delta/internlm2.py).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "InternLM2ForCausalLM")
 PACKED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 

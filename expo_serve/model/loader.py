@@ -21,8 +21,9 @@ from expo_kernels import DEFAULT_GROUP_SIZE, DEFAULT_RANK, EncodedDelta, encode_
 from ..delta.build import verify_pair
 from ..delta.sources import FolderSource, ModelSource, open_source
 from ..delta.store import DeltaCheckpoint, Fingerprint
+from ..delta.tokenizer import load_tokenizer
 from ..errors import ExpoError
-from .llama import SUPPORTED_ARCHITECTURES, ExpoForCausalLM
+from .llama import SUPPORTED_ARCHITECTURES, ExpoForCausalLM, context_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,13 +50,15 @@ def load_model(
     progress: Callable[[int, int, str], None] | None = None,
     tp=None,
     checks: bool = True,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """`sft` and `aligned` are anything open_source takes (a ModelSource too). With `aligned`,
     Δ is encoded as `aligned_encoding` (default group size and rank) once computed.
 
     With `tp` (model/parallel.TensorParallel) only this rank's slices of θ_sft and Δ are read and
     held. `checks=False` (a tensor-parallel worker, whose rank 0 has checked the pair and the
-    delta's base) skips those checks and the tokenizer."""
+    delta's base) skips those checks and the tokenizer. `trust_remote_code` lets a tokenizer
+    shipped as code without a fast tokenizer file run that code (delta/tokenizer.py)."""
     if delta and aligned:
         raise ExpoError("give either a delta folder or an aligned model, not both")
     if tp is not None and aligned and aligned_encoding != "dense":
@@ -63,7 +66,7 @@ def load_model(
                         f"folder (expo-serve delta build --format {aligned_encoding}) to serve it {aligned_encoding}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
-    base = open_source(sft)
+    base = open_source(sft, trust_remote_code=trust_remote_code)
     if base.architecture not in SUPPORTED_ARCHITECTURES:
         raise ExpoError(f"{base.spec} is a {base.architecture}; expo-serve runs {', '.join(SUPPORTED_ARCHITECTURES)}")
     checkpoint = aligned_source = None
@@ -72,9 +75,9 @@ def load_model(
         checkpoint = DeltaCheckpoint(delta)
         checkpoint.check_layout(base)
         if checks:
-            tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta)
+            tokenizer, eos = _tokenizer_and_eos(checkpoint.aligned_meta, trust_remote_code)
     elif aligned:
-        aligned_source = open_source(aligned)
+        aligned_source = open_source(aligned, trust_remote_code=trust_remote_code)
         if checks:
             verify_pair(base, aligned_source)
             tokenizer, eos = _tokenizer_and_eos_from_source(aligned_source)
@@ -84,7 +87,7 @@ def load_model(
     config = base.config
     if tp is not None:
         tp.check(config, tp.size)
-    positions = max_positions or int(getattr(config, "max_position_embeddings", 4096))
+    positions = max_positions or context_window(config)
     names = base.parameter_names
     model = ExpoForCausalLM(config, names, "lm_head.weight" in base.tied, positions, dtype, device, tp)
     fingerprint = Fingerprint()
@@ -147,11 +150,9 @@ def _eos_ids(generation_config: dict, tokenizer) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _tokenizer_and_eos(folder: Path):
-    from transformers import AutoTokenizer
-
+def _tokenizer_and_eos(folder: Path, trust_remote_code: bool):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ExpoError(f"cannot load the tokenizer from {folder}: {exc}") from exc
     gen_path = Path(folder) / "generation_config.json"
@@ -161,6 +162,6 @@ def _tokenizer_and_eos(folder: Path):
 
 def _tokenizer_and_eos_from_source(source: ModelSource):
     if isinstance(source, FolderSource):
-        return _tokenizer_and_eos(source.folder)
+        return _tokenizer_and_eos(source.folder, source.trust_remote_code)
     tokenizer = source.load_tokenizer()
     return tokenizer, _eos_ids(source.generation_config_dict(), tokenizer)

@@ -42,7 +42,8 @@ def build_engine(settings: ServerSettings):
     config = EngineConfig(sft=settings.sft, delta=settings.delta, aligned=settings.aligned, dtype=dtype, device=device,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes, alpha_cache_bytes=alpha_cache,
-                          alpha=settings.alpha_range, tensor_parallel_size=settings.tensor_parallel_size)
+                          alpha=settings.alpha_range, tensor_parallel_size=settings.tensor_parallel_size,
+                          trust_remote_code=settings.trust_remote_code)
     return AsyncEngine(LLMEngine(config))
 
 

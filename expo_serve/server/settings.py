@@ -49,6 +49,7 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="sequences that may wait beyond --max-num-seqs; past that, requests get 503 with Retry-After")
     max_body_bytes: int = Field(8 * 2**20, gt=0, description="largest request body accepted (413 beyond)")
     shutdown_timeout: float = Field(30.0, ge=0, allow_inf_nan=False, description="seconds a shutdown waits for running requests to finish")
+    trust_remote_code: bool = Field(False, json_schema_extra={"flag": True}, description="let a tokenizer shipped as code with the checkpoint (InternLM2's), with no tokenizer.json beside it, run that code")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
 
     @model_validator(mode="after")
@@ -83,6 +84,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSett
     so pydantic does all parsing and checking, the same way for options and environment variables.
     Unset options are absent from the namespace (the environment, then the default, applies)."""
     for name, field in model.model_fields.items():
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("flag"):
+            # A switch that is off unless given: the option takes no value.
+            parser.add_argument(option_name(name), dest=name, default=argparse.SUPPRESS, action="store_const",
+                                const="true", help=field.description)
+            continue
         choices = _literal_choices(field.annotation)
         default = "" if field.is_required() or field.default is None else f" (default: {field.default})"
         parser.add_argument(option_name(name), dest=name, default=argparse.SUPPRESS, choices=choices,
