@@ -1,9 +1,14 @@
 """Delta sizes and compression quality on the demo pair (issue 2), as markdown tables.
 
 For every encoding: stored size, compression ratio against a dense bf16 Δ, build time, the
-overall relative error ‖Δ − decoded‖/‖Δ‖, and for α ∈ {0, 0.3, 1} the share of the alignment
-shift that compression loses: mean per-token KL(exact ‖ compact) / KL(exact ‖ θ_sft), over the
-shipped preference texts (prompt + chosen and prompt + rejected, chat-formatted).
+overall relative error ‖Δ − decoded‖/‖Δ‖, and for α ∈ {0, 0.3, 1, 2.5} the share of the alignment
+shift that compression loses, mean per-token KL(exact ‖ compact) / KL(exact ‖ θ_sft), next to
+KL(exact ‖ compact) itself, over the shipped preference texts (prompt + chosen and prompt +
+rejected, chat-formatted). "bit distilled" is `--format bit --distill` with the default recipe
+(its calibration texts are the demo's own, prompt + chosen, so they overlap the evaluation texts).
+"mixed" is `--format mixed --bits B` (8/4/2-bit bands of singular vectors). "→ PEFT" rows are what
+`delta export --peft` of a delta carries (its norms' and biases' Δ left out): the share of the
+shift a LoRA server keeps at scale 1+α.
 
     python bench/bench_delta.py [--texts 64]
 """
@@ -29,10 +34,30 @@ VARIANTS = [  # (label, encoding, options)
     ("int4 g128", "int4", {"group_size": 128}),
     ("int4 g32", "int4", {"group_size": 32}),
     ("bit", "bit", {}),
+    ("bit distilled", "bit", {"distill": True}),
     ("lowrank r64", "lowrank", {"rank": 64}),
     ("lowrank r16", "lowrank", {"rank": 16}),
+    ("mixed 1.5 bits", "mixed", {"bits": 1.5}),
+    ("mixed 1.0 bit", "mixed", {"bits": 1.0}),
 ]
-ALPHAS = (0.0, 0.3, 1.0)
+# What `delta export --peft` of a delta carries: every tensor but the norms' and biases' Δ.
+PEFT_EXPORTS = [("lowrank r64 → PEFT", "lowrank r64"), ("mixed 1.0 bit → PEFT", "mixed 1.0 bit")]
+
+
+def _peft_part(folder: Path, out: Path) -> Path:
+    """The delta as its PEFT adapter has it: the 1-D Δ (norms, biases) dropped, the rest as built."""
+    import json
+
+    from expo_serve.delta.export_peft import export_peft
+    from expo_serve.delta.store import MANIFEST
+
+    left_out = export_peft(folder, out.with_name(out.name + "-adapter"))["left_out"]
+    shutil.copytree(folder, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in left_out:
+        manifest["tensors"][name].update(encoding="zero", parts={}, params={})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
 
 
 def main() -> None:
@@ -43,8 +68,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from expo_serve.delta.build import build_delta
+    from expo_serve.delta.distill import DistillConfig
     from expo_serve.delta.inspect import delta_report
-    from expo_serve.delta.quality import quality_report
+    from expo_serve.delta.quality import ALPHAS, format_quality_table, quality_report
     from expo_serve.delta.sources import open_source
     from expo_serve.delta.store import DeltaCheckpoint
     from expo_serve.demo.pair import load_preferences, prepare_demo_pair
@@ -66,12 +92,16 @@ def main() -> None:
     for label, encoding, options in VARIANTS:
         folder = work / label.replace(" ", "-")
         started = time.perf_counter()
+        if options.get("distill"):
+            options = {**options, "distill": DistillConfig()}
         build_delta(sft, aligned, folder, encoding=encoding, **options)
         seconds = time.perf_counter() - started
         report = delta_report(DeltaCheckpoint(folder))
         sizes.append((label, report, seconds))
         compact[label] = DeltaCheckpoint(folder)
         print(f"built {label} in {seconds:.1f} s", file=sys.stderr)
+    for label, source in PEFT_EXPORTS:
+        compact[label] = DeltaCheckpoint(_peft_part(work / source.replace(" ", "-"), work / label.replace(" ", "-")))
     rows = quality_report(sft, pair.sft_dir, DeltaCheckpoint(work / "exact"), compact, texts, ALPHAS)
 
     print(f"Demo pair (SmolLM2-135M-Instruct SFT + local DPO), {time.strftime('%Y-%m-%d')}, "
@@ -82,14 +112,9 @@ def main() -> None:
         print(f"| {label} | {report['stored_bytes'] / 2**20:.1f} MiB | {report['compression_ratio']:.2f}× | "
               f"{report['overall_rel_error']:.4f} | {seconds:.1f} s |")
     print(f"\nDense bf16 Δ of this model: {sizes[0][1]['dense_bf16_bytes'] / 2**20:.1f} MiB.\n")
-    print("Share of the alignment shift lost, KL(exact‖compact) / KL(exact‖θ_sft), mean per token:\n")
-    print("| encoding | " + " | ".join(f"α = {a:g}" for a in ALPHAS) + " |")
-    print("|---|" + "---:|" * len(ALPHAS))
-    for label, _, _ in sizes:
-        cells = [next(r for r in rows if r.encoding == label and r.alpha == a) for a in ALPHAS]
-        print(f"| {label} | " + " | ".join(f"{c.shift_lost:.2e}" for c in cells) + " |")
-    kl_sft = {a: next(r.kl_sft for r in rows if r.alpha == a) for a in ALPHAS}
-    print("\nKL(exact‖θ_sft) itself: " + ", ".join(f"α = {a:g}: {v:.4f} nats/token" for a, v in kl_sft.items()))
+    print("Per α: lost = share of the alignment shift lost, KL(exact‖compact) / KL(exact‖θ_sft); "
+          "KL = KL(exact‖compact) in nats/token; both mean per token:\n")
+    print(format_quality_table(rows))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -64,12 +71,29 @@ def _cmd_delta_build(args) -> int:
         encoding=args.format,
         rank=args.rank,
         group_size=args.group_size,
+        bits=args.bits,
         dtype=args.dtype,
         progress=_ConsoleProgress("building delta"),
+        distill=_distill_config(args),
     )
     stored = sum(t["stored_bytes"] for t in manifest["tensors"].values())
     print(f"wrote {args.out}: {len(manifest['tensors'])} tensors, {stored / 2**20:.1f} MiB ({args.format})")
+    d = manifest.get("distillation")
+    if d and d["loss_before"] is not None:
+        print(f"distilled scales: loss {d['loss_before']:.4g} -> {d['loss_after']:.4g} (mean share of each layer's shift lost), "
+              f"{d['steps']} steps a layer on {d['calibration']['tokens']} calibration tokens")
     return 0
+
+
+def _distill_config(args):
+    if not args.distill:
+        if args.calibration is not None or args.distill_steps is not None:
+            raise ExpoError("--calibration and --distill-steps only apply with --distill")
+        return None
+    from .delta.distill import DEFAULT_STEPS, DistillConfig
+
+    return DistillConfig(calibration=args.calibration, steps=args.distill_steps or DEFAULT_STEPS,
+                         progress=_ConsoleProgress("distilling scales"))
 
 
 def _cmd_delta_inspect(args) -> int:
@@ -146,10 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--sft", required=True, help="SFT model: HF folder, .gguf file or hub id")
     build.add_argument("--aligned", required=True, help="aligned (DPO/RLHF) model: HF folder, .gguf file or hub id")
     build.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    build.add_argument("--format", default="dense", choices=["dense", "int8", "int4", "bit", "lowrank"], help="encoding of 2-D tensors (default: dense)")
+    build.add_argument("--format", default="dense", choices=["dense", "int8", "int4", "bit", "lowrank", "mixed"], help="encoding of 2-D tensors (default: dense)")
     build.add_argument("--rank", type=_positive_int, default=64, help="rank for --format lowrank (default: 64)")
     build.add_argument("--group-size", type=_positive_int, default=128, help="group size for --format int4 (default: 128)")
+    build.add_argument("--bits", type=_positive_float, default=1.0,
+                       help="bits per parameter of Δ for --format mixed: 8/4/2-bit bands of singular vectors (default: 1.0)")
     build.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="storage dtype of dense values and low-rank factors (default: the SFT's)")
+    build.add_argument("--distill", action="store_true", help="after sign compression, fit each per-row scale of the bit tensors so "
+                       "that each layer matches the aligned model's on calibration text (BitDelta's scale distillation)")
+    build.add_argument("--calibration", help="calibration text for --distill: a .txt of plain text, or a .jsonl of {\"prompt\"} or "
+                       "{\"messages\"} lines, chat-formatted with the aligned tokenizer (default: the demo's own texts)")
+    build.add_argument("--distill-steps", type=_positive_int, help="Adam steps per layer for --distill (default: 200)")
     build.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     build.set_defaults(run=_cmd_delta_build)
 

@@ -48,12 +48,14 @@ def _peft_log_probs(sft, adapter, ids, alpha):
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("name,tie", [("llama", False), ("llama-tied", True)])
-def test_adapter_at_scale_one_plus_alpha_reproduces_the_engine(pairs, tmp_path, name, tie):
+@pytest.mark.parametrize("name,tie,encoding", [("llama", False, "lowrank"), ("llama-tied", True, "lowrank"),
+                                               ("llama", False, "mixed")])
+def test_adapter_at_scale_one_plus_alpha_reproduces_the_engine(pairs, tmp_path, name, tie, encoding):
     sft, aligned = pairs(name, arch="llama", tie=tie)
-    build_delta(open_source(sft), open_source(aligned), tmp_path / "d", encoding="lowrank", rank=8, dtype="float32")
+    build_delta(open_source(sft), open_source(aligned), tmp_path / "d", encoding=encoding, rank=8, bits=2.0,
+                dtype="float32")
     result = export_peft(tmp_path / "d", tmp_path / "adapter")
-    assert result["rank"] == 8
+    assert result["rank"] == 8 or encoding == "mixed"  # mixed: the ranks its bands fit in 2 bits a parameter
     assert all("norm" in n or n.endswith(".bias") for n in result["left_out"])  # only what PEFT cannot scale
     llm = LLM(str(sft), delta=str(_linear_only(tmp_path / "d", tmp_path / "linear")))
     ids = llm.tokenizer.encode(PROMPTS[3], add_special_tokens=False)

@@ -4,7 +4,7 @@ import torch
 from factories import CORPUS
 
 from expo_serve.delta.build import build_delta
-from expo_serve.delta.quality import _mean_kl, quality_report
+from expo_serve.delta.quality import ALPHAS, _mean_kl, format_quality_table, quality_report
 from expo_serve.delta.sources import open_source
 from expo_serve.delta.store import DeltaCheckpoint
 
@@ -26,9 +26,20 @@ def test_quality_orders_encodings_by_fidelity(pairs, tmp_path):
     for encoding in ("dense", "int8", "bit"):
         build_delta(sft, aligned, tmp_path / encoding, encoding=encoding, dtype="float32")
         compact[encoding] = DeltaCheckpoint(tmp_path / encoding)
-    rows = quality_report(sft, sft_dir, DeltaCheckpoint(tmp_path / "exact"), compact, CORPUS, alphas=(0.0, 1.0))
+    rows = quality_report(sft, sft_dir, DeltaCheckpoint(tmp_path / "exact"), compact, CORPUS)
+    assert ALPHAS == (0.0, 0.3, 1.0, 2.5)
     lost = {(r.encoding, r.alpha): r.shift_lost for r in rows}
-    assert len(rows) == 6 and all(r.kl_sft > 0 for r in rows)
-    for alpha in (0.0, 1.0):
+    assert len(rows) == 12 and all(r.kl_sft > 0 for r in rows)
+    for alpha in ALPHAS:
         assert lost[("dense", alpha)] < 1e-9
         assert 0 < lost[("int8", alpha)] < lost[("bit", alpha)] < 2
+    kl = {(r.encoding, r.alpha): r.kl_compact for r in rows}
+    assert kl[("bit", 2.5)] > kl[("bit", 0.0)]  # the further out, the more the encoding's error is amplified
+
+    table = format_quality_table(rows).splitlines()
+    assert table[0] == "| encoding | " + " | ".join(f"α = {a:g}: lost | α = {a:g}: KL" for a in ALPHAS) + " |"
+    bit_row = next(line for line in table if line.startswith("| bit |")).strip("| ").split(" | ")
+    assert len(bit_row) == 1 + 2 * len(ALPHAS)
+    assert float(bit_row[-2]) == pytest.approx(lost[("bit", 2.5)], rel=1e-2)
+    assert float(bit_row[-1]) == pytest.approx(kl[("bit", 2.5)], rel=1e-2)
+    assert table[-1].startswith("KL(exact‖θ_sft), the whole shift: α = 0: ")

@@ -12,12 +12,13 @@ from typing import Callable
 
 import torch
 
-from expo_kernels import DEFAULT_GROUP_SIZE, DEFAULT_RANK, ENCODINGS, encode_delta
+from expo_kernels import DEFAULT_BITS, DEFAULT_GROUP_SIZE, DEFAULT_RANK, ENCODINGS, encode_delta
 
 from .. import __version__
 from ..atomic_dir import atomic_output_dir, check_output_dir
 from ..errors import ExpoError
 from .safetensors_io import ShardedWriter
+from .distill import DistillConfig, distill_scales, load_calibration
 from .sources import ModelSource
 from .store import ALIGNED_META, FORMAT, FORMAT_VERSION, MANIFEST, Fingerprint
 
@@ -72,22 +73,30 @@ def build_delta(
     encoding: str = "dense",
     rank: int = DEFAULT_RANK,
     group_size: int = DEFAULT_GROUP_SIZE,
+    bits: float = DEFAULT_BITS,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    distill: DistillConfig | None = None,
 ) -> dict:
     """Build the delta folder at `out` and return its manifest.
 
     `dtype` is the storage dtype of dense values and low-rank factors; by default each tensor
     keeps the SFT's storage dtype. Unchanged tensors are stored as `zero`, 1-D tensors dense.
+    `distill` then refits the scales of the sign-bit tensors on calibration text (delta/distill.py).
     """
     if encoding not in ENCODINGS or encoding == "zero":
-        raise ExpoError(f"unknown delta format {encoding!r}; choose one of dense, int8, int4, bit, lowrank")
+        raise ExpoError(f"unknown delta format {encoding!r}; choose one of dense, int8, int4, bit, lowrank, mixed")
+    if encoding == "mixed" and not bits > 0:
+        raise ExpoError(f"--bits must be positive, got {bits}")
     if dtype is not None and dtype not in DTYPES:
         raise ExpoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     started = time.time()
     check_output_dir(out)  # before the pair check, which reads both tokenizers and configs
     verify_pair(sft, aligned)
+    if distill is not None and encoding != "bit":
+        raise ExpoError(f"--distill fits the scales of sign-bit tensors; use it with --format bit, not {encoding}")
+    calibration = load_calibration(distill, aligned) if distill is not None else None  # a bad file fails before any work
     names = sft.parameter_names
     fingerprint = Fingerprint()
     tensors: dict[str, dict] = {}
@@ -103,7 +112,7 @@ def build_delta(
                 delta = aligned.get(name).to(torch.float32) - base.to(torch.float32)
                 del base
                 chosen = "zero" if not torch.any(delta) else encoding
-                encoded = encode_delta(delta, chosen, rank=rank, group_size=group_size, dtype=storage)
+                encoded = encode_delta(delta, chosen, rank=rank, group_size=group_size, bits=bits, dtype=storage)
                 parts = {}
                 for part, tensor in encoded.parts().items():
                     parts[part] = f"{name}.{part}"
@@ -139,12 +148,15 @@ def build_delta(
             "dtype": dtype,
             "group_size": group_size if encoding == "int4" else None,
             "rank": rank if encoding == "lowrank" else None,
+            "bits": bits if encoding == "mixed" else None,
             "tied": sft.tied,
             **({"layout": sft.delta_layout} if sft.delta_layout else {}),
             "build_seconds": round(time.time() - started, 3),
             "tensors": tensors,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        if distill is not None:
+            manifest = distill_scales(sft, aligned, folder, distill, calibration)
     if progress:
         progress(len(names), len(names), "done")
     return manifest

@@ -3,7 +3,9 @@
 For each α: KL(p_exact ‖ p_compact) / KL(p_exact ‖ p_sft), the mean per-token KL divergence
 between the exact ExPO model θ_sft + (1+α)Δ and the same with the decoded compact Δ, over the
 KL between the exact model and θ_sft (the whole shift that α = −1 would undo). 0 means nothing
-is lost; 1 means the compression loses as much as dropping the delta altogether.
+is lost; 1 means the compression loses as much as dropping the delta altogether. The report
+shows that share and the KL itself (nats per token) for every encoding and α: at large α the
+exact model's own shift grows, so a small share can still be a large KL.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import torch
 from .merge import expo_merge_tensor
 from .sources import ModelSource
 from .store import DeltaCheckpoint
+
+
+ALPHAS = (0.0, 0.3, 1.0, 2.5)
 
 
 @dataclass
@@ -63,7 +68,7 @@ def quality_report(
     exact: DeltaCheckpoint,
     compact: dict[str, DeltaCheckpoint],
     texts: list[str],
-    alphas=(0.0, 0.3, 1.0),
+    alphas=ALPHAS,
 ) -> list[QualityRow]:
     """Rows for every (encoding, α). `exact` must be a dense float32 delta of the same pair."""
     evaluator = _Evaluator(sft_folder, texts)
@@ -78,3 +83,22 @@ def quality_report(
             compact_log = evaluator.log_probs({n: expo_merge_tensor(base[n], d, alpha) for n, d in delta})
             rows.append(QualityRow(label, alpha, _mean_kl(exact_log, compact_log), kl_sft))
     return rows
+
+
+def format_quality_table(rows: list[QualityRow]) -> str:
+    """A markdown table: per encoding (in the rows' order) and α, the share of the shift lost and
+    KL(exact ‖ compact); then KL(exact ‖ θ_sft) per α, the whole shift the shares are of."""
+    alphas = list(dict.fromkeys(r.alpha for r in rows))
+    labels = list(dict.fromkeys(r.encoding for r in rows))
+    cell = {(r.encoding, r.alpha): r for r in rows}
+    lines = [
+        "| encoding | " + " | ".join(f"α = {a:g}: lost | α = {a:g}: KL" for a in alphas) + " |",
+        "|---|" + "---:|---:|" * len(alphas),
+    ]
+    for label in labels:
+        cells = [cell[(label, a)] for a in alphas]
+        lines.append(f"| {label} | " + " | ".join(f"{c.shift_lost:.2e} | {c.kl_compact:.2e}" for c in cells) + " |")
+    kl_sft = {a: next(r.kl_sft for r in rows if r.alpha == a) for a in alphas}
+    lines.append("")
+    lines.append("KL(exact‖θ_sft), the whole shift: " + ", ".join(f"α = {a:g}: {v:.4f}" for a, v in kl_sft.items()) + " nats/token")
+    return "\n".join(lines)

@@ -4,7 +4,7 @@ Manifest fields:
   format, format_version      "expo-delta", 1
   architecture, config        of the pair (the aligned model's config)
   sft, aligned                {"source": ..., "fingerprint": ...} (the SFT fingerprint guards loading)
-  encoding, dtype, group_size, rank   what `delta build` was asked for
+  encoding, dtype, group_size, rank, bits   what `delta build` was asked for (bits: `mixed`)
   tied                        {alias: canonical}; a tied tensor is stored once, under canonical
   layout                      (only when tensors are not stored under the checkpoint's own names)
                               how they are stored: InternLM2's are under Llama names, wqkv cut

@@ -1,5 +1,6 @@
 """ExPO kernels: delta encodings and the fused linear y = x·Wᵀ + (1+α_row)·x·Δᵀ."""
 from .encode import (
+    DEFAULT_BITS,
     DEFAULT_GROUP_SIZE,
     DEFAULT_RANK,
     ENCODINGS,
@@ -9,6 +10,7 @@ from .encode import (
     Int4Delta,
     Int8Delta,
     LowRankDelta,
+    MixedDelta,
     ZeroDelta,
     concat_rows,
     encode_delta,
@@ -21,6 +23,7 @@ from .reference import reference_linear
 __all__ = [
     "BACKENDS",
     "DECODE_MAX_M",
+    "DEFAULT_BITS",
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_RANK",
     "ENCODINGS",
@@ -30,6 +33,7 @@ __all__ = [
     "Int4Delta",
     "Int8Delta",
     "LowRankDelta",
+    "MixedDelta",
     "ZeroDelta",
     "concat_rows",
     "encode_delta",

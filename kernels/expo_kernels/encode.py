@@ -16,6 +16,20 @@ Layouts (N = output features, K = input features, a weight is [N, K] like nn.Lin
            scale  [N] float32                 Δ ≈ ±scale[n], scale initialised to mean|Δ[n]|
                                               as BitDelta does
   lowrank  a [R, K], b [N, R]                 Δ ≈ b @ a (truncated SVD, √S on both sides)
+  mixed    per band of width w in (8, 4, 2)   Δ ≈ b @ a as lowrank, the singular vectors split
+           (a band of rank 0 has no parts):   into bands at decreasing bit widths (Delta-CoMe):
+           a{w}       [ceil(r/p), K] uint8    the top vectors at 8 bits, the next at 4, then 2,
+           b{w}       [N, ceil(r/p)] uint8    the tail dropped. p = 8 // w codes a byte, packed
+           a{w}_scale [r] float32             along the RANK (vector j of a band is in byte
+           b{w}_scale [r] float32             j // p, bits (j % p)·w), so row and column shards
+                                              of Δ slice whole bytes of b and a. A code holds
+                                              q + 2^(w-1), q in [-2^(w-1), 2^(w-1) - 1]
+                                              (symmetric: no zero point; 0 is a code, so a
+                                              block-diagonal join of b has exact zeros);
+                                              a[j] ≈ q · a{w}_scale[j] per row of a, b[:, j] ≈
+                                              q · b{w}_scale[j] per column of b. The band ranks
+                                              fit a budget of `bits` per parameter of Δ, codes
+                                              and scales counted (see _allocate_bands).
   zero     nothing                            Δ = 0 (the tensor did not change)
 
 Scales are float32 whatever the storage dtype: a bf16 scale costs precision and an fp16 one
@@ -31,12 +45,20 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-ENCODINGS = ("dense", "int8", "int4", "bit", "lowrank", "zero")
+ENCODINGS = ("dense", "int8", "int4", "bit", "lowrank", "mixed", "zero")
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_RANK = 64
 # Above this smaller dimension a full SVD costs minutes on a CPU; a seeded randomized SVD with
 # oversampling and power iterations gets within a hair of the optimal error instead.
 _FULL_SVD_MAX_DIM = 2048
+DEFAULT_BITS = 1.0  # mixed: bits per parameter of Δ
+# mixed: the band widths, most significant singular vectors first. Each divides 8, so a code never
+# straddles a byte and unpacking is one shift and one mask (3 or 6 bits would straddle bytes).
+MIXED_WIDTHS = (8, 4, 2)
+# mixed: at most this many singular vectors are candidates for the bands (what the SVD computes).
+# At 1 bit a parameter a 4096x4096 layer affords 1023 vectors at 2 bits, about this cap; a larger
+# rank would make the randomized SVD of a big matrix cost minutes on a CPU.
+MIXED_MAX_RANK = 1024
 
 
 @dataclass
@@ -261,8 +283,146 @@ class LowRankDelta(EncodedDelta):
         return (self.b[index].to(torch.float32) @ self.a.to(torch.float32)).to(dtype)
 
 
+def _zero_code(width: int) -> int:
+    """The stored code of q = 0 at `width` bits (codes hold q + 2^(width-1))."""
+    return 1 << (width - 1)
+
+
+def _pack_codes(codes: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """uint8 codes (each < 2^width) packed p = 8 // width a byte along `dim`: code j of a byte in
+    bits (j % p)·width; the last byte padded with the zero code."""
+    per_byte = 8 // width
+    c = codes.movedim(dim, -1).to(torch.int32)
+    pad = (-c.shape[-1]) % per_byte
+    if pad:
+        c = torch.cat([c, c.new_full((*c.shape[:-1], pad), _zero_code(width))], dim=-1)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=c.device) * width
+    packed = (c.reshape(*c.shape[:-1], -1, per_byte) << shifts).sum(dim=-1).to(torch.uint8)
+    return packed.movedim(-1, dim).contiguous()
+
+
+def _unpack_codes(packed: torch.Tensor, width: int, count: int, dim: int) -> torch.Tensor:
+    """The signed integers q (int16) of the first `count` codes packed along `dim`."""
+    per_byte = 8 // width
+    p = packed.movedim(dim, -1).to(torch.int16)
+    shifts = torch.arange(per_byte, dtype=torch.int16, device=p.device) * width
+    codes = ((p.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).flatten(-2)[..., :count]
+    return (codes - _zero_code(width)).movedim(-1, dim)
+
+
+@dataclass
+class MixedDelta(EncodedDelta):
+    """Low-rank Δ ≈ b @ a with its singular vectors in bands of 8, 4 and 2 bits (layout in the
+    module docstring). `stored` holds the parts by name; `bits` is the budget it was built for."""
+
+    stored: dict = field(default_factory=dict)
+    bits: float = DEFAULT_BITS
+    encoding: ClassVar[str] = "mixed"
+    # dequantized factors (a, b) per dtype, with the part versions they were decoded from
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def band_ranks(self) -> dict[int, int]:
+        """{width: rank} for the widths of MIXED_WIDTHS, 0 where the band is absent."""
+        return {w: int(self.stored[f"a{w}_scale"].shape[0]) if f"a{w}_scale" in self.stored else 0
+                for w in MIXED_WIDTHS}
+
+    @property
+    def rank(self) -> int:
+        return sum(self.band_ranks.values())
+
+    def parts(self):
+        return {name: self.stored[name] for name in _mixed_part_names(self.band_ranks)}
+
+    def params(self):
+        return {"bits": self.bits, "bands": [{"bits": w, "rank": r} for w, r in self.band_ranks.items()]}
+
+    def to(self, device=None, dtype=None):
+        """Move the parts; codes and scales keep their dtypes (dtype is the compute dtype's
+        business: the factors are dequantized to it when used)."""
+        moved = {name: t.to(device=device).contiguous() for name, t in self.stored.items()}
+        return MixedDelta(shape=self.shape, stored=moved, bits=self.bits)
+
+    def zero_rows(self, rows):
+        return MixedDelta(shape=(rows, self.shape[1]), stored={}, bits=self.bits)
+
+    def join_rows(self, deltas):
+        """As lowrank: per band, a's vectors stacked and b block-diagonal (its off-block codes are
+        the zero code, so exact zeros); a zero member adds rows of b and no vectors."""
+        rows = sum(d.shape[0] for d in deltas)
+        members = [d for d in deltas if d.encoding == "mixed"]
+        stored = {}
+        for w in MIXED_WIDTHS:
+            ranks = [m.band_ranks[w] for m in members]
+            total = sum(ranks)
+            if total == 0:
+                continue
+            device = next(m.stored[f"a{w}"].device for m, r in zip(members, ranks) if r)
+            a_codes = [_unpack_codes(m.stored[f"a{w}"], w, r, 0) for m, r in zip(members, ranks) if r]
+            b_codes = torch.zeros((rows, total), dtype=torch.int16, device=device)
+            row = col = 0
+            for d in deltas:
+                r = d.band_ranks[w] if d.encoding == "mixed" else 0
+                if r:
+                    b_codes[row:row + d.shape[0], col:col + r] = _unpack_codes(d.stored[f"b{w}"], w, r, 1)
+                    col += r
+                row += d.shape[0]
+            zero = _zero_code(w)
+            stored[f"a{w}"] = _pack_codes((torch.cat(a_codes, dim=0) + zero).to(torch.uint8), w, 0)
+            stored[f"b{w}"] = _pack_codes((b_codes + zero).to(torch.uint8), w, 1)
+            for side in "ab":
+                stored[f"{side}{w}_scale"] = torch.cat([m.stored[f"{side}{w}_scale"] for m, r in zip(members, ranks) if r])
+        return MixedDelta(shape=(rows, self.shape[1]), stored=stored, bits=self.bits)
+
+    def _band_factors(self, b_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a [R, K], b [N, R]) dequantized in float32, bands in order; b only at `b_rows`."""
+        n, k = self.shape
+        device = next((t.device for t in self.stored.values()), torch.device("cpu"))
+        a_parts, b_parts = [torch.zeros((0, k), device=device)], []
+        for w, r in self.band_ranks.items():
+            if not r:
+                continue
+            a_parts.append(_unpack_codes(self.stored[f"a{w}"], w, r, 0).to(torch.float32)
+                           * self.stored[f"a{w}_scale"].to(torch.float32)[:, None])
+            packed_b = self.stored[f"b{w}"] if b_rows is None else self.stored[f"b{w}"][b_rows]
+            b_parts.append(_unpack_codes(packed_b, w, r, packed_b.dim() - 1).to(torch.float32)
+                           * self.stored[f"b{w}_scale"].to(torch.float32))
+        lead = (n,) if b_rows is None else tuple(torch.as_tensor(b_rows).shape)
+        b = torch.cat(b_parts, dim=-1) if b_parts else torch.zeros((*lead, 0), device=device)
+        return torch.cat(a_parts, dim=0), b
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a [R, K], b [N, R]) in `dtype` on the parts' device: the dequantized bands, decoded
+        once per dtype and kept (they are r·(N + K) values, not N·K), re-decoded if a part was
+        modified in place since."""
+        versions = tuple(t._version for t in self.stored.values())
+        entry = self._factors.get(dtype)
+        if entry is None or entry[0] != versions:
+            a, b = self._band_factors()
+            entry = (versions, (a.to(dtype).contiguous(), b.to(dtype).contiguous()))
+            self._factors[dtype] = entry
+        return entry[1]
+
+    def dequantize(self, dtype=torch.float32):
+        a, b = self._band_factors()
+        if dtype == torch.float64:
+            a, b = a.double(), b.double()
+        return (b @ a).to(dtype)
+
+    def rows(self, index, dtype=torch.float32):
+        a, b = self._band_factors(index)
+        if dtype == torch.float64:
+            a, b = a.double(), b.double()
+        return (b @ a).to(dtype)
+
+
+def _mixed_part_names(band_ranks: dict[int, int]) -> list[str]:
+    return [f"{name}{w}{suffix}" for w, r in band_ranks.items() if r
+            for name, suffix in (("a", ""), ("b", ""), ("a", "_scale"), ("b", "_scale"))]
+
+
 _CLASSES: dict[str, type[EncodedDelta]] = {
-    cls.encoding: cls for cls in (DenseDelta, ZeroDelta, Int8Delta, Int4Delta, BitDelta, LowRankDelta)
+    cls.encoding: cls for cls in (DenseDelta, ZeroDelta, Int8Delta, Int4Delta, BitDelta, LowRankDelta, MixedDelta)
 }
 
 
@@ -293,6 +453,8 @@ def from_parts(encoding: str, shape, parts: dict[str, torch.Tensor], params: dic
     kwargs = dict(parts)
     if encoding == "int4":
         kwargs["group_size"] = int((params or {}).get("group_size", DEFAULT_GROUP_SIZE))
+    if encoding == "mixed":  # the bands are read off the parts present
+        kwargs = {"stored": dict(parts), "bits": float((params or {}).get("bits", DEFAULT_BITS))}
     return cls(shape=tuple(int(s) for s in shape), **kwargs)
 
 
@@ -303,11 +465,16 @@ def encode_delta(
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     rank: int = DEFAULT_RANK,
+    bits: float = DEFAULT_BITS,
+    band_ranks: tuple[int, int, int] | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> EncodedDelta:
     """Encode one Δ tensor. Arithmetic runs in float32; `dtype` is the storage dtype of the
     floating parts (dense values, low-rank factors), by default that of `delta_weight`.
+
+    mixed: `bits` per parameter of Δ is the budget the encoder fits its bands into; `band_ranks`
+    (ranks of the 8-, 4- and 2-bit bands) overrides that choice (for tests and experiments).
 
     1-D tensors (norm weights, biases) have no compact encoding: they are always dense.
     """
@@ -328,6 +495,8 @@ def encode_delta(
         return _encode_int4(d, group_size)
     if encoding == "bit":
         return _encode_bit(d)
+    if encoding == "mixed":
+        return _encode_mixed(d, bits, band_ranks, seed)
     return _encode_lowrank(d, rank, dtype, seed)
 
 
@@ -371,11 +540,9 @@ def _encode_bit(d: torch.Tensor) -> BitDelta:
     return BitDelta(shape=(n, k), packed=packed.contiguous(), scale=scale.contiguous())
 
 
-def _encode_lowrank(d: torch.Tensor, rank: int, dtype: torch.dtype, seed: int) -> LowRankDelta:
-    if rank <= 0:
-        raise ValueError(f"low-rank rank must be positive, got {rank}")
+def _svd_factors(d: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-r truncated SVD of d as float32 factors (a [r, K], b [N, r]), √S on both sides."""
     n, k = d.shape
-    r = min(rank, n, k)
     if min(n, k) <= _FULL_SVD_MAX_DIM:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
     else:
@@ -385,9 +552,108 @@ def _encode_lowrank(d: torch.Tensor, rank: int, dtype: torch.dtype, seed: int) -
         torch.random.set_rng_state(generator_state)
         vh = v.T
     root = s[:r].sqrt()
-    b = (u[:, :r] * root).to(dtype).contiguous()
-    a = (root[:, None] * vh[:r]).to(dtype).contiguous()
-    return LowRankDelta(shape=(n, k), a=a, b=b)
+    return root[:, None] * vh[:r], u[:, :r] * root
+
+
+def _encode_lowrank(d: torch.Tensor, rank: int, dtype: torch.dtype, seed: int) -> LowRankDelta:
+    if rank <= 0:
+        raise ValueError(f"low-rank rank must be positive, got {rank}")
+    n, k = d.shape
+    a, b = _svd_factors(d, min(rank, n, k), seed)
+    return LowRankDelta(shape=(n, k), a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous())
+
+
+# Clipping ratios tried per singular vector below 8 bits: the scale is max|v|·ratio / qmax with
+# the lowest squared error (at 2 bits clipping the few large entries of a vector halves its error).
+_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3)
+
+
+def _quantize_vectors(v: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of v [r, L] at `width` bits: (q int16 [r, L], scale float32
+    [r]), q in [-2^(w-1), 2^(w-1) - 1], v ≈ q · scale. The scale minimises ‖v − q·scale‖ over the
+    clipping ratios (8 bits: no clipping)."""
+    qmax, qmin = (1 << (width - 1)) - 1, -(1 << (width - 1))
+    top = v.abs().amax(dim=1)
+    best_q, best_scale, best_err = None, None, None
+    for ratio in (_CLIP_RATIOS if width < 8 else (1.0,)):
+        scale = top * ratio / qmax
+        q = torch.round(_safe_divide(v, scale[:, None])).clamp_(qmin, qmax)
+        err = (v - q * scale[:, None]).square().sum(dim=1)
+        if best_q is None:
+            best_q, best_scale, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_q.to(torch.int16), best_scale.to(torch.float32)
+
+
+def _band_bytes(width: int, rank: int, n: int, k: int) -> int:
+    """What a band stores: the packed codes of a and b, and two float32 scales a vector."""
+    return math.ceil(rank * width / 8) * (n + k) + 8 * rank
+
+
+def _allocate_bands(gains: dict[int, torch.Tensor], budget: int, n: int, k: int) -> tuple[int, int, int]:
+    """Ranks (r8, r4, r2) of the 8-, 4- and 2-bit bands within `budget` bytes that keep the most
+    of ‖Δ‖²: vector j in a band of width w keeps gains[w][j] = σ_j² − ‖b_j·a_j − b̂_j·âⱼ‖² (its
+    energy less its measured quantization error; dropped, it keeps 0). The bands take consecutive
+    vectors, most significant first, at falling widths. Every (r8, r4) is tried, r2 filling what
+    remains; r4 is even and r2 a multiple of 4 so that no byte is half empty."""
+    total = gains[8].shape[0]
+    cum = {w: torch.cat([torch.zeros(1, dtype=torch.float64), g.double().cumsum(0)]) for w, g in gains.items()}
+    per = {w: w * (n + k) / 8 + 8 for w in MIXED_WIDTHS}  # bytes a vector, exact on whole bytes
+    r8 = torch.arange(0, min(total, int(budget // per[8])) + 1)[:, None]
+    r4 = torch.arange(0, min(total, int(budget // per[4])) + 1, 2)[None, :]
+    left = budget - r8 * per[8] - r4 * per[4]
+    r2 = torch.minimum((left / per[2]).floor().long(), total - r8 - r4).clamp(min=0) // 4 * 4
+    ok = (left >= 0) & (r8 + r4 <= total)
+    i4, i2 = (r8 + r4).clamp(max=total), (r8 + r4 + r2).clamp(max=total)
+    kept = cum[8][r8] + cum[4][i4] - cum[4][r8] + cum[2][i2] - cum[2][i4]
+    kept = torch.where(ok, kept, torch.full_like(kept, -math.inf))
+    best = int(kept.argmax())
+    j8, j4 = divmod(best, kept.shape[1])
+    return int(r8[j8, 0]), int(r4[0, j4]), int(r2[j8, j4])
+
+
+def _encode_mixed(d: torch.Tensor, bits: float, band_ranks, seed: int) -> MixedDelta:
+    """Truncated SVD, then each kept singular vector (a row of a, a column of b, √S on both
+    sides) quantized at its band's width with its own float32 scale."""
+    if not bits > 0:
+        raise ValueError(f"mixed needs a positive bits per parameter, got {bits}")
+    n, k = d.shape
+    budget = int(bits * n * k // 8)  # bytes
+    if band_ranks is not None:
+        ranks = tuple(int(r) for r in band_ranks)
+        if len(ranks) != len(MIXED_WIDTHS) or min(ranks) < 0 or sum(ranks) > min(n, k):
+            raise ValueError(f"band_ranks must be {len(MIXED_WIDTHS)} ranks summing to at most {min(n, k)}, got {band_ranks}")
+        candidates = sum(ranks)
+    else:
+        candidates = min(n, k, MIXED_MAX_RANK, int(budget // (2 * (n + k) / 8 + 8)))
+    if candidates == 0:
+        return MixedDelta(shape=(n, k), stored={}, bits=float(bits))
+    a, b = _svd_factors(d, candidates, seed)
+    quantized = {w: (_quantize_vectors(a, w), _quantize_vectors(b.T.contiguous(), w)) for w in MIXED_WIDTHS}
+    if band_ranks is None:
+        energy = a.double().square().sum(1) * b.double().square().sum(0)
+        gains = {}
+        for w, ((qa, sa), (qb, sb)) in quantized.items():
+            a_hat, b_hat = qa * sa[:, None], qb * sb[:, None]  # b_hat is bᵀ's rows
+            cross = (a.double() * a_hat.double()).sum(1) * (b.T.double() * b_hat.double()).sum(1)
+            hat = a_hat.double().square().sum(1) * b_hat.double().square().sum(1)
+            gains[w] = energy - (energy + hat - 2 * cross)  # σ² − ‖b aᵀ − b̂ âᵀ‖²
+        ranks = _allocate_bands(gains, budget, n, k)
+    stored, start = {}, 0
+    for w, r in zip(MIXED_WIDTHS, ranks):
+        if r:
+            (qa, sa), (qb, sb) = quantized[w]
+            zero = _zero_code(w)
+            stored[f"a{w}"] = _pack_codes((qa[start:start + r] + zero).to(torch.uint8), w, 0)
+            stored[f"b{w}"] = _pack_codes((qb[start:start + r].T + zero).to(torch.uint8), w, 1)
+            stored[f"a{w}_scale"] = sa[start:start + r].contiguous()
+            stored[f"b{w}_scale"] = sb[start:start + r].contiguous()
+        start += r
+    return MixedDelta(shape=(n, k), stored=stored, bits=float(bits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +662,7 @@ def _encode_lowrank(d: torch.Tensor, rank: int, dtype: torch.dtype, seed: int) -
 # parts, so that a rank never reads a whole tensor. Per-output-row parts (int8/bit scales, int4
 # scale rows, lowrank b) follow the rows; packed codes, int4 groups and lowrank a follow the
 # columns. A column shard of lowrank keeps b whole: its partial product joins the all-reduce.
+# mixed is lowrank with its codes packed along the rank, so its shards slice whole bytes the same way.
 
 PartReader = Callable[[str, Optional[int], int, int], torch.Tensor]
 """read(part, dim, start, stop): the stored part, sliced [start, stop) along `dim` (None: whole)."""
@@ -415,6 +682,12 @@ def shard_delta(encoding: str, shape: tuple[int, ...], params: dict, read: PartR
         if dim == 0:
             return LowRankDelta(shape=shard_shape, a=read("a", None, 0, 0), b=read("b", 0, start, stop))
         return LowRankDelta(shape=shard_shape, a=read("a", 1, start, stop), b=read("b", None, 0, 0))
+    if encoding == "mixed":  # codes are packed along the rank: whole bytes of b's rows, a's columns
+        names = _mixed_part_names({int(band["bits"]): int(band["rank"]) for band in params.get("bands", [])})
+        side = "b" if dim == 0 else "a"
+        stored = {name: read(name, dim, start, stop) if name.startswith(side) and not name.endswith("_scale")
+                  else read(name, None, 0, 0) for name in names}
+        return MixedDelta(shape=shard_shape, stored=stored, bits=float(params.get("bits", DEFAULT_BITS)))
     if dim == 0:
         parts = {name: read(name, 0, start, stop) for name in PART_ORDER[encoding]}
         return from_parts(encoding, shard_shape, parts, params)

@@ -23,6 +23,10 @@ The torch path: plain torch ops, chosen for speed on a CPU.
 - The other rows (decode steps, mixed α) run ((1+α)·x)·Δᵀ + x·Wᵀ: the row scaling moves onto x,
   so the second product is the first one's bias, and W and Δ are each read once for all rows.
 - lowrank Δ = b·a never becomes dense: (((1+α)·x)·aᵀ)·bᵀ + x·Wᵀ, the same way.
+- mixed Δ (low-rank factors in 8/4/2-bit bands) runs as lowrank on its factors, dequantized band by
+  band once per compute dtype and kept on the delta (MixedDelta.factors: r·(N + K) values, never
+  the dense Δ). The Triton paths take those same factors, so one layout serves decode and prefill
+  (bench/NOTES.md, "mixed").
 - int8, int4 and bit Δ are decoded once per compute dtype and kept (`dense_delta`), since the CPU
   has no fast product on packed codes. The trade: on a CPU the Δ of an fp32 model costs 4 bytes a
   value in memory, as much as dense, instead of its packed size. The GPU path never does this.
@@ -93,7 +97,12 @@ def expo_linear(
 
     path = _resolve(backend, x2, m)
     encoding = delta.encoding
-    if path == "torch" and encoding in ("int8", "int4", "bit") and x2.is_cpu:
+    if encoding == "mixed":
+        # Its factor bands, dequantized once per dtype and kept (r·(N + K) values, never Δ), take
+        # the lowrank route on every path; a mixed Δ that kept no vector is zero.
+        parts = list(delta.factors(x.dtype)) if delta.rank else []
+        encoding, group_size = ("lowrank" if parts else "zero"), 0
+    elif path == "torch" and encoding in ("int8", "int4", "bit") and x2.is_cpu:
         # The CPU has no fast product on packed codes: decode once and keep it (dense_delta).
         encoding, parts, group_size = "dense", [dense_delta(delta, x.dtype)], 0
     else:
