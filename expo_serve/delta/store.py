@@ -6,6 +6,8 @@ Manifest fields:
   sft, aligned                {"source": ..., "fingerprint": ...} (the SFT fingerprint guards loading)
   encoding, dtype, group_size, rank, bits   what `delta build` was asked for (bits: `mixed`)
   tied                        {alias: canonical}; a tied tensor is stored once, under canonical
+  distillation                (only after `--distill`) the recipe and the loss before and after
+                              the bit scales were refitted (delta/distill.py)
   layout                      (only when tensors are not stored under the checkpoint's own names)
                               how they are stored: InternLM2's are under Llama names, wqkv cut
                               into q/k/v and each part encoded on its own (delta/internlm2.py)
