@@ -354,3 +354,21 @@ def test_models_retrieve_through_the_openai_client(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("another-model")
     assert caught.value.body["code"] == "model_not_found"
+
+
+def test_a_streamed_event_is_one_line_even_for_clients_that_split_like_splitlines():
+    """A token may decode to NEL, LS or PS; httpx's aiter_lines (as str.splitlines) breaks lines
+    there, so the event escapes them (the JSON means the same)."""
+    import json
+
+    from pydantic import BaseModel
+
+    from expo_serve.server.serving import wire
+
+    class Chunk(BaseModel):
+        text: str
+
+    text = "a\x85b\u2028c\u2029d\ne\rf é"
+    line = wire(Chunk(text=text))
+    assert line.splitlines() == [line]
+    assert json.loads(line) == {"text": text}

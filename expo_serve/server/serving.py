@@ -438,7 +438,15 @@ def wire(chunk: BaseModel) -> str:
     expo = getattr(chunk, "expo", None)
     if expo is not None:
         data["expo"] = expo.model_dump(mode="json")
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # SSE ends lines at CR and LF only, but many clients split lines as str.splitlines does (httpx's
+    # aiter_lines, for one), also at NEL, LS and PS, which JSON leaves raw. They can occur only inside
+    # strings, where their escapes mean the same: a sampled token that decodes to one then cannot cut
+    # an event in two.
+    return text.translate(_LINE_BREAKS_ESCAPED)
+
+
+_LINE_BREAKS_ESCAPED = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 def event_stream(chunks: AsyncIterator[BaseModel], on_close: Callable[[bool], None], headers: dict[str, str],
