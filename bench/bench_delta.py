@@ -4,18 +4,20 @@ For every encoding: stored size, compression ratio against a dense bf16 Δ, buil
 overall relative error ‖Δ − decoded‖/‖Δ‖, and for α ∈ {0, 0.3, 1, 2.5} the share of the alignment
 shift that compression loses, mean per-token KL(exact ‖ compact) / KL(exact ‖ θ_sft), next to
 KL(exact ‖ compact) itself, over the shipped preference texts (prompt + chosen and prompt +
-rejected, chat-formatted). "bit distilled" is `--format bit --distill` with the default recipe
-(its calibration texts are the demo's own, prompt + chosen, so they overlap the evaluation texts).
+rejected, chat-formatted). "bit distilled" is `--format bit --distill` with the default recipe but
+calibrated on the other preference pairs (prompt + chosen of the rows past the evaluated ones), so
+no evaluated text was seen by the fit.
 "mixed" is `--format mixed --bits B` (8/4/2-bit bands of singular vectors). "→ PEFT" rows are what
 `delta export --peft` of a delta carries (its norms' and biases' Δ left out): the share of the
 shift a LoRA server keeps at scale 1+α.
 
-    python bench/bench_delta.py [--texts 64]
+    python bench/bench_delta.py [--texts 64] [--only "bit,bit distilled"]
 """
 from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import platform
 import shutil
 import sys
@@ -46,8 +48,6 @@ PEFT_EXPORTS = [("lowrank r64 → PEFT", "lowrank r64"), ("mixed 1.0 bit → PEF
 
 def _peft_part(folder: Path, out: Path) -> Path:
     """The delta as its PEFT adapter has it: the 1-D Δ (norms, biases) dropped, the rest as built."""
-    import json
-
     from expo_serve.delta.export_peft import export_peft
     from expo_serve.delta.store import MANIFEST
 
@@ -63,6 +63,7 @@ def _peft_part(folder: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=64, help="evaluation texts (from the shipped preference pairs)")
+    parser.add_argument("--only", help="comma-separated labels of the variants to build and score (default: all)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -83,17 +84,24 @@ def main() -> None:
             messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": answer}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     texts = texts[: args.texts]
+    unseen = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+            for r in list(load_preferences())[(args.texts + 1) // 2:]]  # rows whose texts are not evaluated
 
     work = Path(tempfile.mkdtemp(prefix="bench-delta-"))
     atexit.register(shutil.rmtree, work, True)  # its model copies take gigabytes
+    calibration = work / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps(row) + "\n" for row in unseen))
     sft, aligned = open_source(pair.sft_dir), open_source(pair.aligned_dir)
     build_delta(sft, aligned, work / "exact", dtype="float32")
     sizes, compact = [], {}
+    chosen = set(args.only.split(",")) if args.only else None
     for label, encoding, options in VARIANTS:
+        if chosen is not None and label not in chosen:
+            continue
         folder = work / label.replace(" ", "-")
         started = time.perf_counter()
         if options.get("distill"):
-            options = {**options, "distill": DistillConfig()}
+            options = {**options, "distill": DistillConfig(calibration=calibration)}
         build_delta(sft, aligned, folder, encoding=encoding, **options)
         seconds = time.perf_counter() - started
         report = delta_report(DeltaCheckpoint(folder))
@@ -101,6 +109,8 @@ def main() -> None:
         compact[label] = DeltaCheckpoint(folder)
         print(f"built {label} in {seconds:.1f} s", file=sys.stderr)
     for label, source in PEFT_EXPORTS:
+        if chosen is not None and not {label, source} <= chosen:
+            continue
         compact[label] = DeltaCheckpoint(_peft_part(work / source.replace(" ", "-"), work / label.replace(" ", "-")))
     rows = quality_report(sft, pair.sft_dir, DeltaCheckpoint(work / "exact"), compact, texts, ALPHAS)
 

@@ -97,10 +97,9 @@ def load_calibration(config: DistillConfig, aligned: ModelSource) -> Calibration
     if config.calibration is None:
         texts = [_chat(tokenizer, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}], "the demo's")
                  for r in _jsonl_rows(_DEMO_DATA / "preferences.jsonl")]
-        texts += [_chat(tokenizer, _messages(row, _DEMO_DATA / "heldout_prompts.jsonl", n), "the demo's")
-                  for n, row in enumerate(_jsonl_rows(_DEMO_DATA / "heldout_prompts.jsonl"), start=1)]
         sequences = [tokenizer.encode(t, add_special_tokens=False)[: config.max_length] for t in texts]
-        source = "demo: expo_serve/demo/data/preferences.jsonl (prompt + chosen) and heldout_prompts.jsonl, chat-formatted"
+        # (Not heldout_prompts.jsonl: those stay out of every fit, for the sweep to judge α on.)
+        source = "demo: expo_serve/demo/data/preferences.jsonl (prompt + chosen), chat-formatted"
     else:
         path = Path(config.calibration)
         if not path.is_file():
