@@ -35,12 +35,26 @@ def llama_config(*, bias: bool, rope: dict | None = None, max_positions: int = 2
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+def _renamed(config) -> list[tuple[str, str]]:
+    """(Llama name, InternLM2 name) of every tensor but q/k/v and wqkv."""
+    pairs = [("model.embed_tokens.weight", "model.tok_embeddings.weight"), ("model.norm.weight", "model.norm.weight"),
+             ("lm_head.weight", "output.weight")]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        pairs += [(f"{p}{llama}.{kind}", f"{p}{intern}.{kind}") for llama, intern in RENAMES for kind in ("weight", "bias")]
+    return pairs
+
+
+def _groups(config) -> tuple[int, int, int]:
+    """(key/value heads, query heads per key/value head, head dim)."""
+    kv = config.num_key_value_heads
+    return kv, config.num_attention_heads // kv, config.hidden_size // config.num_attention_heads
+
+
 def to_internlm2(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """Llama names and separate q/k/v -> InternLM2 names and one grouped wqkv."""
-    kv, d = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    group = config.num_attention_heads // kv
-    out = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"], "model.norm.weight": state["model.norm.weight"],
-           "output.weight": state["lm_head.weight"]}
+    kv, group, d = _groups(config)
+    out = {intern: state[llama] for llama, intern in _renamed(config) if llama in state}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
@@ -50,19 +64,13 @@ def to_internlm2(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tens
             rest = q.shape[1:]
             packed = torch.cat([q.reshape(kv, group, d, *rest), k.reshape(kv, 1, d, *rest), v.reshape(kv, 1, d, *rest)], 1)
             out[p + f"attention.wqkv.{kind}"] = packed.reshape(-1, *rest).contiguous()
-        for llama, intern in RENAMES:
-            for kind in ("weight", "bias"):
-                if p + f"{llama}.{kind}" in state:
-                    out[p + f"{intern}.{kind}"] = state[p + f"{llama}.{kind}"]
     return out
 
 
 def to_llama(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """The published conversion, InternLM2 -> Llama."""
-    kv, d = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    group = config.num_attention_heads // kv
-    out = {"model.embed_tokens.weight": state["model.tok_embeddings.weight"], "model.norm.weight": state["model.norm.weight"],
-           "lm_head.weight": state["output.weight"]}
+    kv, group, d = _groups(config)
+    out = {llama: state[intern] for llama, intern in _renamed(config) if intern in state}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
@@ -70,14 +78,9 @@ def to_llama(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
                 continue
             wqkv = state[p + f"attention.wqkv.{kind}"]
             rest = wqkv.shape[1:]
-            grouped = wqkv.reshape(kv, group + 2, d, *rest)
-            q, k, v = torch.split(grouped, [group, 1, 1], dim=1)
+            q, k, v = torch.split(wqkv.reshape(kv, group + 2, d, *rest), [group, 1, 1], dim=1)
             for name, part in zip("qkv", (q, k, v)):
                 out[p + f"self_attn.{name}_proj.{kind}"] = part.reshape(-1, *rest).contiguous()
-        for llama, intern in RENAMES:
-            for kind in ("weight", "bias"):
-                if p + f"{intern}.{kind}" in state:
-                    out[p + f"{llama}.{kind}"] = state[p + f"{intern}.{kind}"]
     return out
 
 

@@ -20,6 +20,16 @@ def mixed_alpha(m: int, device=None) -> torch.Tensor:
     return torch.tensor([ALPHAS[i % len(ALPHAS)] for i in range(m)], dtype=torch.float32, device=device)
 
 
+def spectrum_delta(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A Δ with a fine-tune's long-tailed spectrum (σ_j ~ 1/(j+1)) and |Δ| ~ 1e-2."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(n, k)
+    u = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(k, r, generator=g))[0]
+    s = 1.0 / torch.arange(1, r + 1, dtype=torch.float32)
+    return (u * s) @ v.T * 0.1
+
+
 def runs_alpha(lengths: list[int], device=None) -> torch.Tensor:
     """Contiguous runs sharing one α each (the prompts of a prefill batch)."""
     return torch.cat([torch.full((n,), ALPHAS[i % len(ALPHAS)], dtype=torch.float32, device=device)

@@ -2,18 +2,16 @@
 2-bit bands sized by a bits-per-parameter budget, in the spirit of Delta-CoMe.
 
 Covered: the encoding itself (round trip, budget, layout, joins, tensor-parallel shards), the torch
-path and the Triton decode and prefill kernels (interpreted on the CPU) against the float64
-reference on the decoded Δ, and the engine on a `mixed` delta folder against Hugging Face on the
-reference merge of that decoded Δ.
+path against the float64 reference on the decoded Δ, and the engine on a `mixed` delta folder
+against Hugging Face on the reference merge of that decoded Δ. The Triton decode and prefill
+kernels on a mixed Δ are tested with the others, under the interpreter, in test_kernels_triton.py.
 """
 import json
-import os
 
 import pytest
 import torch
 
 from expo_kernels import (
-    MixedDelta,
     ZeroDelta,
     concat_rows,
     encode_delta,
@@ -23,44 +21,11 @@ from expo_kernels import (
     shard_delta,
 )
 from expo_kernels.encode import MIXED_WIDTHS, _pack_codes, _unpack_codes
-from kernel_cases import TOLERANCE, make_problem, mixed_alpha, relative_error, runs_alpha
+from kernel_cases import TOLERANCE, make_problem, mixed_alpha, relative_error, runs_alpha, spectrum_delta
 
-# The Triton kernels under the interpreter, as tests/test_kernels_triton.py sets it up: the variable
-# is set while triton is first imported and restored after, so the torch-path and engine tests here
-# still get the torch path. Where that cannot be (a GPU, or triton imported for it earlier in this
-# process), only the Triton tests skip.
-_previous = os.environ.get("TRITON_INTERPRET")
-INTERPRETABLE = False
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        from expo_kernels import triton_decode, triton_prefill  # noqa: F401
-        from triton.runtime.interpreter import InterpretedFunction
-
-        INTERPRETABLE = (isinstance(tl.standard.cdiv, InterpretedFunction)
-                         and isinstance(triton_decode._expo_decode_kernel, InterpretedFunction))
-    except ImportError:
-        pass
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
-needs_interpreter = pytest.mark.skipif(not INTERPRETABLE, reason="the Triton interpreter is not available in this process")
 
 N, K = 123, 431  # no block size divides them
 BANDS = (5, 6, 9)  # every band present; 6 and 9 are not multiples of the 2 and 4 codes a byte
-
-
-def spectrum_delta(n, k, seed=0):
-    """A Δ with a fine-tune's long-tailed spectrum (σ_j ~ 1/(j+1)) and |Δ| ~ 1e-2."""
-    g = torch.Generator().manual_seed(seed)
-    r = min(n, k)
-    u = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
-    v = torch.linalg.qr(torch.randn(k, r, generator=g))[0]
-    s = 1.0 / torch.arange(1, r + 1, dtype=torch.float32)
-    return (u * s) @ v.T * 0.1
 
 
 # -- the encoding ---------------------------------------------------------------------------------
@@ -177,44 +142,6 @@ def test_torch_path_matches_float64_reference(dtype, m, layout):
     alpha = {"mixed": mixed_alpha, "single": lambda m: torch.full((m,), 2.5),
              "runs": lambda m: runs_alpha([m // 2, m - m // 2])}[layout](m)
     check(expo_linear(x, w, d, alpha, bias, delta_bias, backend="torch"), x, w, d, alpha, bias, delta_bias)
-
-
-@pytest.fixture
-def interpreting(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton also reads it lazily, on a kernel's first call
-
-
-@needs_interpreter
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("m", [1, 5, 17])
-def test_decode_kernel_matches_float64_reference(interpreting, dtype, m):
-    x, w, d, bias, delta_bias = problem(m, dtype, with_bias=m != 5)
-    alpha = mixed_alpha(m)
-    check(expo_linear(x, w, d, alpha, bias, delta_bias, backend="decode"), x, w, d, alpha, bias, delta_bias)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["runs", "mixed"])
-def test_prefill_kernel_matches_float64_reference(interpreting, dtype, layout):
-    m = 70
-    x, w, d, bias, delta_bias = problem(m, dtype, with_bias=layout == "runs")
-    alpha = runs_alpha([40, 30]) if layout == "runs" else mixed_alpha(m)
-    check(expo_linear(x, w, d, alpha, bias, delta_bias, backend="prefill"), x, w, d, alpha, bias, delta_bias)
-
-
-@needs_interpreter
-def test_auto_dispatch_under_the_interpreter_and_an_encoded_budget(interpreting):
-    """expo_linear on CPU tensors with TRITON_INTERPRET=1 picks the kernels by M; here with bands the
-    encoder chose for a 1-bit budget."""
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(N, K, generator=g) / K**0.5
-    d = encode_delta(spectrum_delta(N, K) * 30, "mixed", bits=1.0)
-    assert d.rank > 0
-    for m in (3, 65):
-        x = torch.randn(m, K, generator=g)
-        alpha = mixed_alpha(m)
-        check(expo_linear(x, w, d, alpha), x, w, d, alpha, None, None)
 
 
 # -- the engine -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from expo_kernels import (
     BitDelta,
     DenseDelta,
+    encode,
     encode_delta,
     expo_linear,
     linear,
@@ -126,7 +127,7 @@ def test_dense_cache_follows_the_delta():
     key = id(d)
     del d
     gc.collect()
-    assert key not in linear._DENSE_CACHE
+    assert key not in encode._DECODED
     # a dense delta of the compute dtype is used as it is
     dense = encode_delta(torch.randn(4, 4), "dense")
     assert linear.dense_delta(dense, torch.float32) is dense.delta

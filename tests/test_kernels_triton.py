@@ -37,6 +37,7 @@ from kernel_cases import (
     mixed_alpha,
     relative_error,
     runs_alpha,
+    spectrum_delta,
 )
 
 if not (isinstance(tl.standard.cdiv, InterpretedFunction)
@@ -162,6 +163,46 @@ def test_expo_linear_dispatch_under_the_interpreter(monkeypatch):
         y = expo_linear(x.reshape(1, m, K), w, d, alpha.reshape(1, m), bias, delta_bias)
         assert calls[-1] == expected and y.shape == (1, m, N)
         check(y.reshape(m, N), x, w, d, alpha, bias, delta_bias)
+
+
+# -- mixed Δ (issue 16): its bands go through expo_linear, which decodes them to low-rank factors ----
+
+MIXED = dict(encoding="mixed", band_ranks=(5, 6, 9))  # every band; 6 and 9 leave bytes part-filled
+
+
+def check_mixed(y, x, w, d, alpha, bias, delta_bias):
+    assert y.shape == (x.shape[0], N) and y.dtype == x.dtype
+    check(y, x, w, d, alpha, bias, delta_bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_mixed_decode_matches_float64_reference(dtype, m):
+    x, w, d, bias, delta_bias = make_problem(m, N, K, dtype, with_bias=m != 5, **MIXED)
+    alpha = mixed_alpha(m)
+    check_mixed(expo_linear(x, w, d, alpha, bias, delta_bias, backend="decode"), x, w, d, alpha, bias, delta_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["runs", "mixed"])
+def test_mixed_prefill_matches_float64_reference(dtype, layout):
+    m = 70
+    x, w, d, bias, delta_bias = make_problem(m, N, K, dtype, with_bias=layout == "runs", **MIXED)
+    alpha = runs_alpha([40, 30]) if layout == "runs" else mixed_alpha(m)
+    check_mixed(expo_linear(x, w, d, alpha, bias, delta_bias, backend="prefill"), x, w, d, alpha, bias, delta_bias)
+
+
+def test_mixed_auto_dispatch_with_an_encoded_budget():
+    """expo_linear on CPU tensors with TRITON_INTERPRET=1 picks the kernels by M; here with bands the
+    encoder chose for a 1-bit budget."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    d = encode_delta(spectrum_delta(N, K) * 30, "mixed", bits=1.0)
+    assert d.rank > 0
+    for m in (3, 65):
+        x = torch.randn(m, K, generator=g)
+        alpha = mixed_alpha(m)
+        check_mixed(expo_linear(x, w, d, alpha), x, w, d, alpha, None, None)
 
 
 def test_autotune_pruning_keeps_configs_that_fit():

@@ -39,6 +39,7 @@ group 128: 0.031 bytes a value against 0.5).
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
@@ -310,6 +311,27 @@ def _unpack_codes(packed: torch.Tensor, width: int, count: int, dim: int) -> tor
     return (codes - _zero_code(width)).movedim(-1, dim)
 
 
+# id(delta) -> (the part versions it was decoded from, {(what, dtype): decoded}); an entry leaves
+# when its delta is garbage-collected.
+_DECODED: dict[int, tuple[tuple, dict]] = {}
+
+
+def decoded_once(delta: EncodedDelta, what: str, dtype: torch.dtype, decode: Callable[[], object]):
+    """`decode()` of a delta (its dense Δ, its factors, …), computed on first use and kept while the
+    delta lives, per (what, dtype); done again if one of its parts was modified in place since."""
+    key = id(delta)
+    versions = tuple(p._version for p in delta.parts().values())
+    entry = _DECODED.get(key)
+    if entry is None or entry[0] != versions:
+        if entry is None:
+            weakref.finalize(delta, _DECODED.pop, key, None)
+        entry = (versions, {})
+        _DECODED[key] = entry
+    if (what, dtype) not in entry[1]:
+        entry[1][(what, dtype)] = decode()
+    return entry[1][(what, dtype)]
+
+
 @dataclass
 class MixedDelta(EncodedDelta):
     """Low-rank Δ ≈ b @ a with its singular vectors in bands of 8, 4 and 2 bits (layout in the
@@ -318,8 +340,6 @@ class MixedDelta(EncodedDelta):
     stored: dict = field(default_factory=dict)
     bits: float = DEFAULT_BITS
     encoding: ClassVar[str] = "mixed"
-    # dequantized factors (a, b) per dtype, with the part versions they were decoded from
-    _factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def band_ranks(self) -> dict[int, int]:
@@ -395,13 +415,8 @@ class MixedDelta(EncodedDelta):
         """(a [R, K], b [N, R]) in `dtype` on the parts' device: the dequantized bands, decoded
         once per dtype and kept (they are r·(N + K) values, not N·K), re-decoded if a part was
         modified in place since."""
-        versions = tuple(t._version for t in self.stored.values())
-        entry = self._factors.get(dtype)
-        if entry is None or entry[0] != versions:
-            a, b = self._band_factors()
-            entry = (versions, (a.to(dtype).contiguous(), b.to(dtype).contiguous()))
-            self._factors[dtype] = entry
-        return entry[1]
+        return decoded_once(self, "factors", dtype,
+                            lambda: tuple(t.to(dtype).contiguous() for t in self._band_factors()))
 
     def dequantize(self, dtype=torch.float32):
         a, b = self._band_factors()

@@ -36,13 +36,12 @@ torch path is forced there) only the two-product form runs, so it never synchron
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .encode import EncodedDelta, from_parts
+from .encode import EncodedDelta, decoded_once, from_parts
 
 BACKENDS = ("auto", "torch", "triton", "decode", "prefill")
 # Up to this many rows the decode kernel's second product is free (its time is the bytes of W and
@@ -191,29 +190,14 @@ PART_NAMES = {
     "lowrank": ("a", "b"),
 }
 
-# id(delta) -> (the part versions it was decoded from, {dtype: dense Δ}); an entry leaves when its
-# delta is garbage-collected.
-_DENSE_CACHE: dict[int, tuple[tuple, dict[torch.dtype, torch.Tensor]]] = {}
-
-
 def dense_delta(delta: EncodedDelta, dtype: torch.dtype) -> torch.Tensor:
     """Δ as a dense tensor of `dtype`, decoded on first use and kept while `delta` lives.
 
     Kept per delta object and re-decoded if one of its parts was modified in place since."""
     if delta.encoding == "dense" and delta.delta.dtype == dtype:
         return delta.delta
-    key = id(delta)
-    versions = tuple(p._version for p in delta.parts().values())
-    entry = _DENSE_CACHE.get(key)
-    if entry is None or entry[0] != versions:
-        if entry is None:
-            weakref.finalize(delta, _DENSE_CACHE.pop, key, None)
-        entry = (versions, {})
-        _DENSE_CACHE[key] = entry
-    decoded = entry[1]
-    if dtype not in decoded:
-        decoded[dtype] = delta.dequantize(dtype).to(next(iter(delta.parts().values())).device).contiguous()
-    return decoded[dtype]
+    device = next(iter(delta.parts().values())).device
+    return decoded_once(delta, "dense", dtype, lambda: delta.dequantize(dtype).to(device).contiguous())
 
 
 def decode_parts(encoding: str, parts: list[torch.Tensor], group_size: int, shape: tuple[int, int],
